@@ -1,0 +1,87 @@
+"""Flags of the ``*_generate_image`` scripts (Musubi's names and defaults, see spec cli.md 4.5/4.6)."""
+
+from __future__ import annotations
+
+import argparse
+
+from tsumugi.arch.base import Architecture
+from tsumugi.errors import UserError
+
+OUTPUT_TYPES = ("images", "latent", "latent_images", "both")
+MODEL_VERSIONS = ("original", "edit", "edit-2509", "edit-2511", "layered")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are :class:`UserError` (one line, no traceback, exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=f"{arch.name}_generate_image",
+        description=f"{arch.display_name} text-to-image generation.",
+        allow_abbrev=True,
+    )
+    models = parser.add_argument_group("models")
+    models.add_argument("--dit", help="DiT: ComfyUI single file, first shard of a split set, or diffusers folder")
+    models.add_argument("--vae", help="VAE: single file (ComfyUI/original or diffusers keys) or diffusers folder")
+    models.add_argument("--text_encoder", help="text encoder: single file, first shard, or diffusers folder")
+    models.add_argument("--tokenizer", help="tokenizer folder (or hub id) overriding the bundled tokenizer files")
+    models.add_argument("--lora_weight", nargs="*", default=None, help="LoRA files merged into the DiT")
+    models.add_argument("--lora_multiplier", nargs="*", type=float, default=None, help="one per LoRA (1.0)")
+    models.add_argument("--include_patterns", nargs="*", default=None, help="per-LoRA regex of modules to merge")
+    models.add_argument("--exclude_patterns", nargs="*", default=None, help="per-LoRA regex of modules to skip")
+    if arch.name == "qwen_image":
+        models.add_argument("--model_version", default=None, help="original (edit variants: not yet)")
+        models.add_argument("--edit", action="store_true", help="legacy alias of --model_version edit")
+        models.add_argument("--edit_plus", action="store_true", help="legacy alias of --model_version edit-2509")
+
+    prompt = parser.add_argument_group("prompt and sampling")
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument(
+        "--negative_prompt", default=None, help=f"negative prompt (default {arch.default_negative_prompt!r})"
+    )
+    prompt.add_argument("--from_file", help="prompt file, one prompt per line with --w --h --s --d --g --n --fs")
+    prompt.add_argument("--image_size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
+    prompt.add_argument("--infer_steps", type=int, default=25)
+    prompt.add_argument("--guidance_scale", type=float, default=arch.default_guidance_scale)
+    shift_help = "static flow shift (default: resolution-dependent)" if arch.default_flow_shift is None else (
+        f"static flow shift (default {arch.default_flow_shift})"
+    )
+    prompt.add_argument("--flow_shift", type=float, default=None, help=shift_help)
+    prompt.add_argument("--seed", type=int, default=None, help="random when omitted")
+    prompt.add_argument("--embedded_cfg_scale", type=float, default=None, help="accepted for Musubi; unused")
+    if arch.name == "zimage":
+        prompt.add_argument(
+            "--cpu_noise", action="store_true", help="accepted for Musubi; noise is always drawn on the CPU"
+        )
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--save_path", help="output folder")
+    output.add_argument("--output_type", default="images", choices=OUTPUT_TYPES)
+    output.add_argument("--no_metadata", action="store_true", help="no settings in saved latent files")
+    output.add_argument("--latent_path", nargs="*", default=None, help="decode saved latent files only")
+
+    device = parser.add_argument_group("device and precision")
+    device.add_argument("--device", default=None, help="cuda if available, else cpu")
+    device.add_argument("--dit_dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="bfloat16 on GPU, float32 on CPU by default")
+    device.add_argument("--attn_mode", default="torch", help="torch|sdpa|flash|xformers|sageattn")
+    device.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU")
+    return parser
+
+
+def resolve_model_version(args: argparse.Namespace) -> str:
+    """Musubi's order: explicit --model_version, else --edit_plus, else --edit, else original."""
+    if getattr(args, "model_version", None):
+        version = args.model_version.lower()
+        if version not in MODEL_VERSIONS:
+            raise UserError(f"--model_version: {args.model_version!r} is not one of {', '.join(MODEL_VERSIONS)}")
+        return version
+    if getattr(args, "edit_plus", False):
+        return "edit-2509"
+    if getattr(args, "edit", False):
+        return "edit"
+    return "original"
