@@ -1,0 +1,55 @@
+"""LoRA targets for Z-Image (``--network_module networks.lora_zimage``).
+
+Targets: the ``nn.Linear`` layers of the main ``layers.N`` blocks (``ZImageTransformerBlock``), 7 per
+layer: ``attention.to_q/to_k/to_v``, ``attention.to_out.0``, ``feed_forward.w1/w2/w3`` (30 x 7 = 210
+for the released model). ``adaLN_modulation`` and both refiner stacks (``noise_refiner``,
+``context_refiner``, same block class) are excluded by the default pattern ``.*(_modulation|_refiner).*``,
+as in Musubi. Nothing outside the blocks is adapted.
+
+Files are written in the ``diffusion_model`` layout by default (see ``lora_save``): Musubi's own
+``lora_unet_`` keys lose the attention updates in ComfyUI, whose Z-Image model fuses q/k/v.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tsumugi.networks.lora import LoRANetwork, TargetSpec, create_network_for_spec
+
+ZIMAGE_TARGET = TargetSpec(
+    name="z_image",
+    container_classes=("ZImageTransformerBlock",),
+    default_exclude=(r".*(_modulation|_refiner).*",),
+    default_layout="diffusion_model",
+)
+
+DEFAULT_SAVE_LAYOUT = ZIMAGE_TARGET.default_layout
+
+
+def create_network(
+    dit: nn.Module,
+    network_dim: int | None,
+    network_alpha: float | None,
+    network_dropout: float | None,
+    network_args: Sequence[str] | None,
+    *,
+    multiplier: float = 1.0,
+    dim_from_weights: str | Path | None = None,
+    device: torch.device | str | None = None,
+) -> LoRANetwork:
+    """Z-Image LoRA network from Musubi's flags (see :func:`tsumugi.networks.lora.create_network_for_spec`)."""
+    return create_network_for_spec(
+        ZIMAGE_TARGET,
+        dit,
+        network_dim,
+        network_alpha,
+        network_dropout,
+        network_args,
+        multiplier=multiplier,
+        dim_from_weights=dim_from_weights,
+        device=device,
+    )
