@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import sys
 
-if __name__ == "__main__" and not __package__:
+if __name__ == "__main__" and not __package__:  # run as a file: import the package from src/, not src/tsumugi/
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tsumugi.cli.script_path import fix_sys_path
-
-    fix_sys_path(__file__)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from tsumugi.cli.entry import run_main  # noqa: E402
 from tsumugi.sample.generate import generate_main  # noqa: E402

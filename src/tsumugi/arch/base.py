@@ -80,6 +80,30 @@ class Architecture(ABC):
         self, text_encoder: torch.nn.Module, tokenizer: Any, prompts: list[str], device: torch.device | str
     ) -> list[PromptEmbeds]: ...
 
+    def encode_prompts_with_images(
+        self,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        prompts: list[str],
+        images: list[list[Any]] | None,
+        model_version: str,
+        device: torch.device | str,
+    ) -> list[torch.Tensor]:
+        """Prompt embeddings (L_i, D) as caches store them; edit-capable families use ``images``."""
+        return [p.embeds for p in self.encode_prompts(text_encoder, tokenizer, prompts, device)]
+
+    # ---- caching ----------------------------------------------------------------------------
+    def cache_arch_code(self, model_version: str) -> str:
+        """Cache-file suffix for a model version (the family's code unless versions differ)."""
+        return self.arch_code
+
+    text_cache_name: str
+    """Batch name of the text-encoder output in caches (``vl_embed`` / ``llm_embed``)."""
+
+    @abstractmethod
+    def encode_images_for_cache(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] -> per-item latents as Musubi caches store them (posterior mode)."""
+
     # ---- sampling ---------------------------------------------------------------------------
     @abstractmethod
     def make_scheduler(self, flow_shift: float | None) -> Any:

@@ -91,6 +91,37 @@ class QwenImageArchitecture(Architecture):
         embeds = encode_qwen_image_prompts(text_encoder, tokenizer, prompts, device, text_encoder.dtype)
         return [PromptEmbeds(e) for e in embeds]
 
+    def encode_prompts_with_images(
+        self,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        prompts: list[str],
+        images: list[list[Any]] | None,
+        model_version: str,
+        device: torch.device | str,
+    ) -> list[torch.Tensor]:
+        if model_version == "original" or images is None:
+            return super().encode_prompts_with_images(text_encoder, tokenizer, prompts, None, model_version, device)
+        from tsumugi.text.qwen_image_edit_prompt import encode_qwen_image_edit_prompts
+
+        return encode_qwen_image_edit_prompts(
+            text_encoder, tokenizer, prompts, images, model_version, device, text_encoder.dtype
+        )
+
+    def cache_arch_code(self, model_version: str) -> str:
+        return {"original": "qi", "layered": "qil"}.get(model_version, "qie")
+
+    text_cache_name = "vl_embed"
+
+    def encode_images_for_cache(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> normalised (B, 16, 1, h, w) in the VAE's dtype."""
+        device = next(vae.parameters()).device
+        z = vae.encode(pixels.to(device, vae.dtype).unsqueeze(2)).latent_dist.mode()
+        channels = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, channels, 1, 1, 1).to(z)
+        std = torch.tensor(vae.config.latents_std).view(1, channels, 1, 1, 1).to(z)
+        return (z - mean) / std
+
     def make_scheduler(self, flow_shift: float | None) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -58,6 +58,13 @@ class ZImageArchitecture(Architecture):
         embeds = encode_zimage_prompts(text_encoder, tokenizer, prompts, device, text_encoder.dtype)
         return [PromptEmbeds(e) for e in embeds]
 
+    text_cache_name = "llm_embed"
+
+    def encode_images_for_cache(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> raw (unscaled) fp32 posterior mode (B, 16, h, w), as Musubi caches it."""
+        device = next(vae.parameters()).device
+        return vae.encode(pixels.to(device, vae.dtype)).latent_dist.mode()
+
     def make_scheduler(self, flow_shift: float | None) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -11,7 +11,7 @@ OUTPUT_TYPES = ("images", "latent", "latent_images", "both")
 MODEL_VERSIONS = ("original", "edit", "edit-2509", "edit-2511", "layered")
 
 
-class _Parser(argparse.ArgumentParser):
+class UserErrorParser(argparse.ArgumentParser):
     """argparse whose usage errors are :class:`UserError` (one line, no traceback, exit status 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -19,7 +19,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UserErrorParser(
         prog=f"{arch.name}_generate_image",
         description=f"{arch.display_name} text-to-image generation.",
         allow_abbrev=True,
@@ -34,9 +34,7 @@ def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
     models.add_argument("--include_patterns", nargs="*", default=None, help="per-LoRA regex of modules to merge")
     models.add_argument("--exclude_patterns", nargs="*", default=None, help="per-LoRA regex of modules to skip")
     if arch.name == "qwen_image":
-        models.add_argument("--model_version", default=None, help="original (edit variants: not yet)")
-        models.add_argument("--edit", action="store_true", help="legacy alias of --model_version edit")
-        models.add_argument("--edit_plus", action="store_true", help="legacy alias of --model_version edit-2509")
+        add_model_version_flags(models)
 
     prompt = parser.add_argument_group("prompt and sampling")
     prompt.add_argument("--prompt", help="prompt text")
@@ -71,6 +69,12 @@ def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
     device.add_argument("--attn_mode", default="torch", help="torch|sdpa|flash|xformers|sageattn")
     device.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU")
     return parser
+
+
+def add_model_version_flags(group: argparse._ActionsContainer) -> None:
+    group.add_argument("--model_version", default=None, help=f"one of {', '.join(MODEL_VERSIONS)} (original)")
+    group.add_argument("--edit", action="store_true", help="legacy alias of --model_version edit")
+    group.add_argument("--edit_plus", action="store_true", help="legacy alias of --model_version edit-2509")
 
 
 def resolve_model_version(args: argparse.Namespace) -> str:

@@ -1,0 +1,1 @@
+"""Latent and text-encoder caches: Musubi-compatible files plus our staleness metadata."""

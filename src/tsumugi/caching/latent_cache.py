@@ -1,0 +1,136 @@
+"""Latent caching: dataset images -> VAE latents in Musubi's cache files, with staleness metadata."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import repeat
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tsumugi.arch.base import Architecture
+from tsumugi.caching.cache_files import (
+    latent_cache_name,
+    latent_key,
+    read_cache_metadata,
+    remove_temporaries,
+    stale_reasons,
+    write_cache_file,
+)
+from tsumugi.caching.metadata import latent_identity, latent_metadata
+from tsumugi.caching.pixels import LoadedItem, item_fingerprints, load_item
+from tsumugi.data.batching import caching_batches
+from tsumugi.data.config import DatasetConfig
+from tsumugi.data.items import ImageItem
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheReport:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    removed: list[Path] = field(default_factory=list)
+    kept_orphans: list[Path] = field(default_factory=list)
+
+
+def latent_path(dataset: DatasetConfig, item: ImageItem, arch_code: str) -> Path:
+    width, height = item.original_size
+    return dataset.cache_directory / latent_cache_name(item.cache_stem, width, height, arch_code)
+
+
+def _encode(arch: Architecture, vae: torch.nn.Module, pixels: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch_size):
+            chunk = torch.stack(pixels[start : start + batch_size])
+            out.extend(arch.encode_images_for_cache(vae, chunk).cpu().unbind(0))
+    return out
+
+
+def remove_orphans(directory: Path, pattern: str, keep: set[Path], keep_cache: bool, report: CacheReport) -> None:
+    """Delete cache files of ``pattern`` in ``directory`` that no current dataset item produces."""
+    for path in sorted(directory.glob(pattern)):
+        if path in keep:
+            continue
+        if keep_cache:
+            report.kept_orphans.append(path)
+        else:
+            path.unlink()
+            report.removed.append(path)
+    if report.removed:
+        logger.info("removed %d orphan caches in %s (use --keep_cache to keep them)", len(report.removed), directory)
+
+
+def cache_latents(
+    arch: Architecture,
+    arch_code: str,
+    datasets: list[DatasetConfig],
+    vae: torch.nn.Module,
+    *,
+    vae_identity: str,
+    model_version: str,
+    batch_size: int | None = None,
+    num_workers: int = 1,
+    skip_existing: bool = False,
+    keep_cache: bool = False,
+) -> CacheReport:
+    """Encode every item of every dataset; ``skip_existing`` keeps files whose metadata is current."""
+    report = CacheReport()
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        for dataset in datasets:
+            remove_temporaries(dataset.cache_directory)
+            produced: set[Path] = set()
+            batches = caching_batches([dataset])
+            progress = tqdm(total=sum(len(b.items) for b in batches), desc=f"latents {dataset.name}", unit="img")
+            for batch in batches:
+                items = list(batch.items)
+                fingerprints = list(pool.map(item_fingerprints, items))
+                work = []
+                for item, (source, control_sources) in zip(items, fingerprints):
+                    path = latent_path(dataset, item, arch_code)
+                    produced.add(path)
+                    controls = list(zip(control_sources, batch.key.control_sizes))
+                    expected = latent_identity(batch.bucket, model_version, vae_identity, source, controls)
+                    found = read_cache_metadata(path) if skip_existing and path.exists() else None
+                    if found is not None and not stale_reasons(found, expected):
+                        report.skipped.append(path)
+                        continue
+                    if found is not None:
+                        logger.info("%s is stale (%s): re-encoding", path.name, "; ".join(stale_reasons(found, expected)))
+                    work.append((item, path, source, controls))
+                if work:
+                    loaded = list(pool.map(load_item, [w[0] for w in work], repeat(batch.bucket), repeat(dataset)))
+                    _write_batch(arch, arch_code, vae, batch.bucket, work, loaded, batch_size or dataset.batch_size,
+                                 model_version, vae_identity, report)
+                progress.update(len(items))
+            progress.close()
+            remove_orphans(dataset.cache_directory, f"*_{arch_code}.safetensors", produced, keep_cache, report)
+    return report
+
+
+def _write_batch(
+    arch: Architecture,
+    arch_code: str,
+    vae: torch.nn.Module,
+    bucket: tuple[int, int],
+    work: list,
+    loaded: list[LoadedItem],
+    chunk: int,
+    model_version: str,
+    vae_identity: str,
+    report: CacheReport,
+) -> None:
+    targets = _encode(arch, vae, [data.target for data in loaded], chunk)
+    num_controls = len(loaded[0].controls)
+    control_latents = [_encode(arch, vae, [data.controls[j] for data in loaded], chunk) for j in range(num_controls)]
+    for i, (item, path, source, controls) in enumerate(work):
+        tensors = {latent_key(targets[i]): targets[i]}
+        for j in range(num_controls):
+            tensors[latent_key(control_latents[j][i], f"latents_control_{j}")] = control_latents[j][i]
+        meta = latent_metadata(arch_code, item.original_size, bucket, model_version, vae_identity, source, controls)
+        write_cache_file(path, tensors, meta)
+        report.written.append(path)

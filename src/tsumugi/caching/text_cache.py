@@ -1,0 +1,113 @@
+"""Text-encoder caching: captions (and, for Edit versions, control images) -> embeddings on disk."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tsumugi.arch.base import Architecture
+from tsumugi.caching.cache_files import (
+    read_cache_metadata,
+    remove_temporaries,
+    stale_reasons,
+    text_cache_name,
+    varlen_key,
+    write_cache_file,
+)
+from tsumugi.caching.fingerprint import file_fingerprint
+from tsumugi.caching.latent_cache import CacheReport, remove_orphans
+from tsumugi.caching.metadata import text_identity, text_metadata
+from tsumugi.caching.pixels import load_control
+from tsumugi.data.batching import caching_batches
+from tsumugi.data.buckets import resize_to_bucket
+from tsumugi.data.config import DatasetConfig
+from tsumugi.data.items import ImageItem
+
+logger = logging.getLogger(__name__)
+
+
+def text_path(dataset: DatasetConfig, item: ImageItem, arch_code: str) -> Path:
+    return dataset.cache_directory / text_cache_name(item.cache_stem, arch_code)
+
+
+def vl_control_images(item: ImageItem, bucket: tuple[int, int], dataset: DatasetConfig) -> list[Any]:
+    """Control images as the VL encoder sees them: the DiT-size control, then ~384x384 area (step 16)."""
+    from tsumugi.text.qwen_vl_images import vl_input_size
+
+    images = []
+    for path in item.control_paths:
+        control = load_control(path, bucket, dataset)
+        images.append(resize_to_bucket(control, vl_input_size(*control.size)))
+    return images
+
+
+def cache_text_outputs(
+    arch: Architecture,
+    arch_code: str,
+    datasets: list[DatasetConfig],
+    text_encoder: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    encoder_identity: str,
+    model_version: str,
+    device: torch.device | str,
+    batch_size: int | None = None,
+    num_workers: int = 1,
+    skip_existing: bool = False,
+    keep_cache: bool = False,
+) -> CacheReport:
+    """Encode every caption; Edit versions feed each item's control images to the VL encoder too."""
+    report = CacheReport()
+    uses_images = model_version not in ("original", "layered") and arch_code == "qie"
+    produced: dict[Path, set[Path]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        for dataset in datasets:
+            remove_temporaries(dataset.cache_directory)
+            keep = produced.setdefault(dataset.cache_directory, set())
+            batches = caching_batches([dataset])
+            progress = tqdm(total=sum(len(b.items) for b in batches), desc=f"text {dataset.name}", unit="item")
+            for batch in batches:
+                items = list(batch.items)
+                controls = list(pool.map(lambda i: [file_fingerprint(p) for p in i.control_paths], items)) if (
+                    uses_images) else [[] for _ in items]
+                work = []
+                for item, fps in zip(items, controls):
+                    path = text_path(dataset, item, arch_code)
+                    keep.add(path)
+                    expected = text_identity(item.caption, model_version, encoder_identity, fps)
+                    found = read_cache_metadata(path) if skip_existing and path.exists() else None
+                    if found is not None and not stale_reasons(found, expected):
+                        report.skipped.append(path)
+                        continue
+                    if found is not None:
+                        logger.info("%s is stale (%s): re-encoding", path.name, "; ".join(stale_reasons(found, expected)))
+                    work.append((item, path, fps))
+                chunk = batch_size or dataset.batch_size
+                for start in range(0, len(work), chunk):
+                    part = work[start : start + chunk]
+                    images = None
+                    if uses_images:
+                        images = list(pool.map(vl_control_images, [w[0] for w in part], repeat(batch.bucket),
+                                               repeat(dataset)))
+                    with torch.no_grad():
+                        embeds = arch.encode_prompts_with_images(
+                            text_encoder, tokenizer, [w[0].caption for w in part], images, model_version, device
+                        )
+                    for (item, path, fps), embed in zip(part, embeds):
+                        embed = embed.detach().cpu()
+                        if embed.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                            embed = embed.to(torch.bfloat16)
+                        meta = text_metadata(arch_code, item.caption, model_version, encoder_identity, fps)
+                        write_cache_file(path, {varlen_key(arch.text_cache_name, embed): embed}, meta)
+                        report.written.append(path)
+                progress.update(len(items))
+            progress.close()
+    for directory, keep in produced.items():
+        remove_orphans(directory, f"*_{arch_code}_te.safetensors", keep, keep_cache, report)
+    return report

@@ -1,0 +1,45 @@
+"""float8 storage for Linear weights, computed in a higher precision (``--fp8_vl``, ``--fp8_llm``).
+
+Each Linear keeps its weight as ``float8_e4m3fn`` with one fp32 scale per output channel and
+dequantizes it to the input's dtype in ``forward``. Embeddings, norms and biases keep their precision.
+Memory for the Linear weights halves against bf16; the compute is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+class Fp8Linear(torch.nn.Module):
+    """Drop-in for a frozen ``nn.Linear``: fp8 weight + per-row scale, dequantized on the fly."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_fp8", (weight / scale).to(torch.float8_e4m3fn))
+        self.register_buffer("scale", scale)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = (self.weight_fp8.to(torch.float32) * self.scale).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+
+def quantize_linears_fp8(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """Replace every ``nn.Linear`` of ``model`` (names containing a ``skip`` part excepted); returns the count."""
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not any(s in name for s in skip)
+    ]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Fp8Linear(module))
+    return len(targets)

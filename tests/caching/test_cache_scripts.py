@@ -1,0 +1,192 @@
+"""The caching scripts end to end on tiny models and generated images."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tsumugi.arch import get_architecture
+from tsumugi.caching.cache_files import read_cache_file
+from tsumugi.caching.pixels import to_model_pixels
+from tsumugi.data.buckets import resize_to_bucket
+from tsumugi.data.images import load_image
+from tsumugi.qwen_image_cache_latents import main as qwen_latents
+from tsumugi.qwen_image_cache_text_encoder_outputs import main as qwen_text
+from tsumugi.testing.tiny_dataset import write_tiny_dataset
+from tsumugi.zimage_cache_latents import main as zimage_latents
+from tsumugi.zimage_cache_text_encoder_outputs import main as zimage_text
+
+SCRIPTS = {"qwen_image": (qwen_latents, qwen_text, "qi"), "zimage": (zimage_latents, zimage_text, "zi")}
+
+
+def _cache(arch: str, toml: Path, files: dict[str, Path], *extra: str) -> None:
+    latents, text, _ = SCRIPTS[arch]
+    common = ["--dataset_config", str(toml), "--device", "cpu", *extra]
+    assert latents([*common, "--vae", str(files["vae"])]) == 0
+    assert text([*common, "--text_encoder", str(files["text_encoder"])]) == 0
+
+
+def _tensors(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.name: read_cache_file(p)[0] for p in sorted(directory.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("arch", ["qwen_image", "zimage"])
+def test_cached_latents_equal_direct_vae_encode(arch, tiny_sets, tmp_path):
+    files = tiny_sets(arch)
+    toml = write_tiny_dataset(tmp_path / "ds", 3, sizes=[(64, 48), (48, 80), (72, 64)])
+    _cache(arch, toml, files)
+    code = SCRIPTS[arch][2]
+    architecture = get_architecture(arch)
+    vae = architecture.load_vae(str(files["vae"]), device="cpu")
+    for image in sorted((tmp_path / "ds/images").glob("*.png")):
+        (cache,) = (tmp_path / "ds/cache").glob(f"{image.stem}_*_{code}.safetensors")
+        width, height = load_image(image).size
+        assert cache.name == f"{image.stem}_{width:04d}x{height:04d}_{code}.safetensors"
+        tensors, meta = read_cache_file(cache)
+        bucket = tuple(int(v) for v in meta["tsumugi.bucket"].split("x"))
+        pixels = to_model_pixels(resize_to_bucket(load_image(image), bucket)).unsqueeze(0)
+        with torch.no_grad():
+            direct = architecture.encode_images_for_cache(vae, pixels)[0]
+        assert torch.equal(tensors["latents"], direct)
+        expected_shape = (16, 1, bucket[1] // 8, bucket[0] // 8) if arch == "qwen_image" else (16, bucket[1] // 8,
+                                                                                              bucket[0] // 8)
+        assert tuple(direct.shape) == expected_shape
+        assert meta["architecture"] == ("qwen_image" if arch == "qwen_image" else "z_image")
+        assert (meta["width"], meta["height"]) == (str(width), str(height))
+
+
+def _reference_embeddings(arch: str, files: dict[str, Path], captions: list[str]) -> list[torch.Tensor]:
+    """diffusers' own encode_prompt on the same encoder and tokenizer."""
+    from diffusers import QwenImagePipeline, ZImagePipeline
+
+    architecture = get_architecture(arch)
+    encoder = architecture.load_text_encoder(str(files["text_encoder"]), dtype=torch.float32, device="cpu")
+    tokenizer = architecture.load_tokenizer()
+    if arch == "qwen_image":
+        pipe = QwenImagePipeline(None, None, encoder, tokenizer, None)
+        out = []
+        for caption in captions:
+            embeds, mask = pipe.encode_prompt(caption, device="cpu")
+            out.append(embeds[0] if mask is None else embeds[0][mask[0].bool()])
+        return out
+    pipe = ZImagePipeline(None, None, encoder, tokenizer, None)
+    return [pipe.encode_prompt(c, device="cpu", do_classifier_free_guidance=False)[0][0] for c in captions]
+
+
+@pytest.mark.parametrize("arch", ["qwen_image", "zimage"])
+def test_cached_text_embeddings_equal_diffusers_encode_prompt(arch, tiny_sets, tmp_path):
+    files = tiny_sets(arch)
+    toml = write_tiny_dataset(tmp_path / "ds", 3, batch_size=3)
+    (tmp_path / "ds/images/img001.txt").write_text("a much longer caption " * 8)
+    _cache(arch, toml, files)
+    code = SCRIPTS[arch][2]
+    captions = [p.read_text().strip() for p in sorted((tmp_path / "ds/images").glob("*.txt"))]
+    reference = _reference_embeddings(arch, files, captions)
+    for i, expected in enumerate(reference):
+        tensors, meta = read_cache_file(tmp_path / f"ds/cache/img{i:03d}_{code}_te.safetensors")
+        name = "varlen_vl_embed" if arch == "qwen_image" else "varlen_llm_embed"
+        assert meta["caption1"] == captions[i]
+        torch.testing.assert_close(tensors[name], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen_image", "zimage"])
+def test_batch_of_n_equals_n_batches_of_one(arch, tiny_sets, tmp_path):
+    files = tiny_sets(arch)
+    sizes = [(64, 64)]
+    one = write_tiny_dataset(tmp_path / "one", 4, sizes=sizes, batch_size=1)
+    four = write_tiny_dataset(tmp_path / "four", 4, sizes=sizes, batch_size=4)
+    (tmp_path / "one/images/img002.txt").write_text("short")
+    (tmp_path / "four/images/img002.txt").write_text("short")
+    _cache(arch, one, files)
+    _cache(arch, four, files)
+    a, b = _tensors(tmp_path / "one/cache"), _tensors(tmp_path / "four/cache")
+    assert a.keys() == b.keys() and len(a) == 8
+    for name in a:
+        for key in a[name]:
+            torch.testing.assert_close(a[name][key], b[name][key], rtol=1e-5, atol=1e-5)
+
+
+def test_skip_existing_redoes_only_stale_items(tiny_sets, tmp_path, caplog):
+    files = tiny_sets("zimage")
+    toml = write_tiny_dataset(tmp_path / "ds", 3)
+    _cache("zimage", toml, files)
+    cache = tmp_path / "ds/cache"
+    before = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    time.sleep(0.01)
+    (tmp_path / "ds/images/img001.txt").write_text("a new caption")
+    shutil.copy(tmp_path / "ds/images/img002.png", tmp_path / "ds/images/img000.png.tmpcopy")
+    # same size, new content for img000: replace it by a flipped copy of itself
+    image = load_image(tmp_path / "ds/images/img000.png").transpose(0)
+    image.save(tmp_path / "ds/images/img000.png")
+    (tmp_path / "ds/images/img000.png.tmpcopy").unlink()
+    _cache("zimage", toml, files, "--skip_existing")
+    after = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    changed = sorted(name for name in after if after[name] != before[name])
+    assert changed == ["img000_0064x0048_zi.safetensors", "img001_zi_te.safetensors"]
+    assert read_cache_file(cache / "img001_zi_te.safetensors")[1]["caption1"] == "a new caption"
+
+
+def test_orphans_removed_unless_keep_cache(tiny_sets, tmp_path):
+    files = tiny_sets("zimage")
+    toml = write_tiny_dataset(tmp_path / "ds", 3)
+    _cache("zimage", toml, files)
+    for suffix in ("png", "txt"):
+        (tmp_path / f"ds/images/img002.{suffix}").unlink()
+    _cache("zimage", toml, files, "--skip_existing", "--keep_cache")
+    assert len(list((tmp_path / "ds/cache").glob("img002*"))) == 2
+    _cache("zimage", toml, files, "--skip_existing")
+    assert list((tmp_path / "ds/cache").glob("img002*")) == []
+    assert len(list((tmp_path / "ds/cache").glob("*.safetensors"))) == 4
+
+
+def test_killed_run_resumes_with_skip_existing(tiny_sets, tmp_path):
+    """SIGKILL mid-run leaves only complete files; --skip_existing then completes the cache exactly."""
+    files = tiny_sets("qwen_image")
+    sizes = [(64, 64), (64, 48)]
+    killed = write_tiny_dataset(tmp_path / "killed", 12, sizes=sizes)
+    clean = write_tiny_dataset(tmp_path / "clean", 12, sizes=sizes)
+    cache = tmp_path / "killed/cache"
+    command = [sys.executable, "-m", "tsumugi.qwen_image_cache_latents", "--dataset_config", str(killed),
+               "--vae", str(files["vae"]), "--device", "cpu", "--num_workers", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(cache.glob("*_qi.safetensors"))) < 3 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    process.kill()
+    process.wait()
+    done = sorted(cache.glob("*_qi.safetensors"))
+    assert 3 <= len(done) < 12, "the run was not interrupted midway; the test proves nothing"
+    for path in done:  # every file present is complete
+        with safe_open(str(path), framework="pt") as f:
+            assert len(list(f.keys())) == 1
+    assert qwen_latents(command[3:] + ["--skip_existing"]) == 0
+    assert qwen_latents(["--dataset_config", str(clean), "--vae", str(files["vae"]), "--device", "cpu"]) == 0
+    assert list(cache.glob(".*")) == [], "temporary files must not survive"
+    a, b = _tensors(cache), _tensors(tmp_path / "clean/cache")
+    assert a.keys() == b.keys() and len(a) == 12
+    for name in a:
+        assert torch.equal(a[name]["latents"], b[name]["latents"])
+
+
+def test_debug_mode_previews_without_caching(tmp_path, capsys):
+    toml = write_tiny_dataset(tmp_path / "ds", 4)
+    assert zimage_latents(["--dataset_config", str(toml), "--debug_mode", "image"]) == 0
+    out = capsys.readouterr().out
+    assert "datasets[0]" in out and "contact sheet" in out
+    assert (tmp_path / "ds/cache/tsumugi_buckets_preview.png").is_file()
+    assert list((tmp_path / "ds/cache").glob("*.safetensors")) == []
+
+
+def test_qwen_vae_dtype_flag_is_refused(tiny_sets, tmp_path, capsys):
+    toml = write_tiny_dataset(tmp_path / "ds", 1)
+    files = tiny_sets("qwen_image")
+    argv = ["--dataset_config", str(toml), "--vae", str(files["vae"]), "--vae_dtype", "bfloat16", "--device", "cpu"]
+    assert qwen_latents(argv) == 2
+    assert "--vae_dtype" in capsys.readouterr().err
