@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tsumugi.data.buckets import bucket_for_area
+from tsumugi.data.buckets import vl_input_size as _vl_input_size
 
 PATCH_SIZE = 14
 MERGE_SIZE = 2
@@ -42,9 +42,6 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 RESCALE_FACTOR = 1 / 255
 MAX_ASPECT_RATIO = 200
 
-VL_CONDITION_RESOLUTION = (384, 384)
-"""Area (as width x height) control images are resized to before the VL processor (Musubi's rule)."""
-VL_RESOLUTION_STEP = 16
 
 
 @dataclass(frozen=True)
@@ -96,13 +93,9 @@ def smart_resize(
 
 
 def vl_input_size(width: int, height: int) -> tuple[int, int]:
-    """``(width, height)`` a control image of this size is resized to for the VL encoder.
-
-    ``bucket_for_area((width, height), (384, 384))`` with step 16 (dataset_config.md section 6.3), as in
-    Musubi's text-encoder caching, training-time samples and ``--resize_control_to_official_size``. The
-    processor then snaps the result to multiples of 28.
-    """
-    return bucket_for_area((width, height), VL_CONDITION_RESOLUTION, VL_RESOLUTION_STEP)
+    """``(width, height)`` a control image of this size is resized to for the VL encoder (about 384x384
+    area, step 16; :func:`tsumugi.data.buckets.vl_input_size`). The processor then snaps to multiples of 28."""
+    return _vl_input_size((width, height))
 
 
 def preprocess_qwen_vl_images(

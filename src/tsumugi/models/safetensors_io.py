@@ -1,0 +1,333 @@
+"""Reading and writing safetensors files: single files, shard sets, index files.
+
+Reading is lazy: :func:`open_safetensors` parses only the JSON headers (keys, dtypes, shapes,
+metadata), so detection and config derivation never touch tensor data. Tensors are then read one at a
+time through ``safetensors.safe_open`` (memory-mapped) and cast to the requested dtype as each is read,
+so a load never holds the file's bytes and a second converted copy at the same time.
+
+We parse the header ourselves (8-byte little-endian length + JSON) to check a file before handing it to
+safetensors: a truncated download or a non-safetensors file becomes a :class:`UserError` naming the
+file instead of a Rust panic message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tsumugi.errors import UserError
+
+# Upper bound of a header: the safetensors library refuses larger ones too.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E8M0", "float8_e8m0fnu")):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+
+FLOAT8_DTYPES = frozenset(d for d in _DTYPES.values() if "float8" in str(d))
+
+_SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)\.safetensors$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a header says about one tensor."""
+
+    dtype: torch.dtype | None  # None: a dtype torch cannot represent
+    dtype_name: str
+    shape: tuple[int, ...]
+    file: Path
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Keys and metadata of one safetensors file, without reading tensor data.
+
+    Raises UserError for a missing, truncated or malformed file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise UserError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+            header_len = int.from_bytes(raw_len, "little")
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise UserError(
+                    f"{path} is truncated or not a safetensors file "
+                    f"(header claims {header_len} bytes, file has {size})"
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt or not a safetensors file (bad header: {e})") from e
+
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    data_end = 0
+    try:
+        for key, entry in header.items():
+            begin, end = entry["data_offsets"]
+            data_end = max(data_end, int(end))
+            name = str(entry["dtype"])
+            tensors[key] = TensorInfo(_DTYPES.get(name), name, tuple(int(s) for s in entry["shape"]), path)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is corrupt (bad tensor entry in header: {e})") from e
+    if 8 + header_len + data_end > size:
+        raise UserError(
+            f"{path} is truncated: {size} bytes, its header describes {8 + header_len + data_end} "
+            "(an interrupted download or copy?)"
+        )
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def shard_set(path: Path) -> list[Path]:
+    """All files of the shard set ``path`` belongs to (``x-00001-of-00003.safetensors``), in order.
+
+    A file that is not named like a shard is returned alone. A missing shard is a UserError.
+    """
+    m = _SHARD_RE.match(path.name)
+    if not m:
+        return [path]
+    width = len(m["index"])
+    total = int(m["total"])
+    files = [path.with_name(f"{m['stem']}-{i:0{width}d}-of-{m['total']}.safetensors") for i in range(1, total + 1)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{path} is one of {total} shards, but {', '.join(missing)} is missing in {path.parent}")
+    return files
+
+
+def shards_from_index(index_path: Path) -> list[Path]:
+    """The files listed by a ``*.safetensors.index.json`` weight map, in first-use order."""
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{index_path} is not a valid safetensors index file ({e})") from e
+    files = [index_path.parent / n for n in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{index_path} lists {', '.join(missing)}, which is missing in {index_path.parent}")
+    return files
+
+
+def is_shard_name(name: str) -> bool:
+    return _SHARD_RE.match(name) is not None
+
+
+class SafetensorsSource:
+    """One logical state dict stored in one or more safetensors files.
+
+    ``keys()``/``info()``/``metadata`` come from the headers; ``get()`` reads one tensor. Use as a
+    context manager (or call :meth:`close`) to release the memory maps.
+    """
+
+    def __init__(self, files: Iterable[Path]):
+        self.files: list[Path] = [Path(f) for f in files]
+        if not self.files:
+            raise ValueError("no files")
+        self._infos: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        for file in self.files:
+            tensors, metadata = read_header(file)
+            for key, info in tensors.items():
+                if key in self._infos:
+                    raise UserError(f"key {key!r} is stored twice: in {self._infos[key].file} and {file}")
+                self._infos[key] = info
+            for k, v in metadata.items():
+                self.metadata.setdefault(k, v)
+        self._handles: dict[Path, object] = {}
+
+    # ---- header data -------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, key: str) -> TensorInfo:
+        return self._infos[key]
+
+    def infos(self) -> Mapping[str, TensorInfo]:
+        return self._infos
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    @property
+    def label(self) -> str:
+        """How messages name this source: the file, or the first shard and the count."""
+        if len(self.files) == 1:
+            return str(self.files[0])
+        return f"{self.files[0]} (+{len(self.files) - 1} more shards)"
+
+    # ---- tensor data -------------------------------------------------------------------------
+    def _handle(self, file: Path):
+        handle = self._handles.get(file)
+        if handle is None:
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as e:  # SafetensorError has no stable import path
+                raise UserError(f"{file} cannot be opened as safetensors: {e}") from e
+            self._handles[file] = handle
+        return handle
+
+    def get(
+        self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """Read one tensor; floating-point tensors are cast to ``dtype`` (others keep theirs)."""
+        info = self._infos[key]
+        if info.dtype is None:
+            raise UserError(f"{info.file}: tensor {key!r} has dtype {info.dtype_name}, which torch cannot load")
+        try:
+            tensor = self._handle(info.file).get_tensor(key)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{info.file} is corrupt: reading {key!r} failed ({e})") from e
+        target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        if tensor.dtype != target or torch.device(device) != tensor.device:
+            tensor = tensor.to(device=device, dtype=target)
+        return tensor
+
+    def iter_tensors(
+        self, keys: Iterable[str] | None = None, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self.keys() if keys is None else keys:
+            yield key, self.get(key, dtype, device)
+
+    def meta_tensors(self) -> dict[str, torch.Tensor]:
+        """Shape-and-dtype stand-ins on the meta device, for dry-running key conversions."""
+        out = {}
+        for key, info in self._infos.items():
+            out[key] = torch.empty(info.shape, dtype=info.dtype or torch.uint8, device="meta")
+        return out
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> SafetensorsSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_safetensors(path: str | Path) -> SafetensorsSource:
+    """Open a ``.safetensors`` file (expanding shard sets) or a ``*.safetensors.index.json``."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    if path.name.endswith(".index.json"):
+        return SafetensorsSource(shards_from_index(path))
+    return SafetensorsSource(shard_set(path))
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    return (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+
+
+def _prepare_for_save(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors with no shared storage (safetensors refuses aliases, e.g. tied weights)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for key, t in tensors.items():
+        t = t.detach()
+        skey = _storage_key(t)
+        if skey is not None and skey in seen:
+            t = t.clone()
+        elif skey is not None:
+            seen.add(skey)
+        out[key] = t.contiguous().cpu()
+    return out
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not supported (e.g. Windows): the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_atomic(tmp: Path, path: Path) -> None:
+    """fsync ``tmp``, rename it over ``path`` and fsync the directory."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def temp_path_for(path: Path) -> Path:
+    """A temporary name next to ``path`` (same filesystem, so the final rename is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def save_file_atomic(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write a safetensors file under a temporary name in the same folder, fsync it, rename it into place.
+
+    A crash leaves either the old file or the new one, never a truncated one.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        save_file(_prepare_for_save(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
+        replace_atomic(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Atomic counterpart of ``Path.write_text`` (config.json, index files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        replace_atomic(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
