@@ -1,8 +1,5 @@
-"""Our generate scripts against diffusers' pipelines on the same tiny weights, seed and settings.
-
-The reference side loads the diffusers-format copy of the weights with diffusers/transformers'
-own ``from_pretrained`` (not our loader), and uses diffusers' pipeline, scheduler and LoRA loader.
-"""
+"""Our generate scripts against diffusers' pipelines on the same tiny weights, seed and settings
+(reference side: :mod:`tsumugi.testing.reference`)."""
 
 from __future__ import annotations
 
@@ -14,65 +11,16 @@ import torch
 from PIL import Image
 
 from tsumugi.qwen_image_generate_image import main as qwen_main
+from tsumugi.testing.reference import reference_image
 from tsumugi.zimage_generate_image import main as zimage_main
 
 HEIGHT, WIDTH, STEPS, SEED = 64, 96, 4, 1234
 PROMPT, NEGATIVE = "a small red house by a lake", "blurry, low quality"
 
 
-def _reference_pipeline(arch: str, folders: dict[str, Path]):
-    from diffusers import (
-        AutoencoderKL,
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-        ZImagePipeline,
-        ZImageTransformer2DModel,
-    )
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3Model
-
-    from tsumugi.text.tokenizers import load_tokenizer
-
-    if arch == "qwen_image":
-        from tsumugi.arch.qwen_image import QWEN_IMAGE_SCHEDULER_CONFIG
-
-        return QwenImagePipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER_CONFIG),
-            vae=AutoencoderKLQwenImage.from_pretrained(folders["vae"]),
-            text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(folders["text_encoder"]),
-            tokenizer=load_tokenizer("qwen_image"),
-            transformer=QwenImageTransformer2DModel.from_pretrained(folders["dit"]),
-        )
-    from tsumugi.arch.zimage import ZIMAGE_SCHEDULER_CONFIG
-
-    return ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(ZIMAGE_SCHEDULER_CONFIG),
-        vae=AutoencoderKL.from_pretrained(folders["vae"]),
-        text_encoder=Qwen3Model.from_pretrained(folders["text_encoder"]),
-        tokenizer=load_tokenizer("zimage"),
-        transformer=ZImageTransformer2DModel.from_pretrained(folders["dit"]),
-    )
-
-
 def _reference_image(arch: str, folders: dict[str, Path], guidance: float, lora: Path | None = None) -> np.ndarray:
-    pipe = _reference_pipeline(arch, folders)
-    if lora is not None:
-        pipe.load_lora_weights(str(lora))
-    common = dict(
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE,
-        height=HEIGHT,
-        width=WIDTH,
-        num_inference_steps=STEPS,
-        generator=torch.Generator("cpu").manual_seed(SEED),
-        output_type="np",
-    )
-    if arch == "qwen_image":
-        out = pipe(true_cfg_scale=guidance, **common)
-    else:
-        out = pipe(guidance_scale=guidance, **common)
-    return (out.images[0] * 255).round().astype(np.uint8)
+    return reference_image(arch, folders, prompt=PROMPT, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH,
+                           steps=STEPS, seed=SEED, guidance=guidance, lora=lora)
 
 
 def _our_image(arch: str, files: dict[str, Path], out_dir: Path, guidance: float, extra: list[str] = ()) -> np.ndarray:
@@ -91,6 +39,7 @@ def _our_image(arch: str, files: dict[str, Path], out_dir: Path, guidance: float
 def _random_musubi_lora(arch: str, path: Path, files: dict[str, Path]) -> Path:
     """A LoRA on every Linear of the transformer blocks, in Musubi's key layout, with non-zero up weights."""
     from safetensors.torch import save_file
+
     from tsumugi.models.loader import load_dit
 
     dit = load_dit(str(files["dit"]), arch, dtype=torch.float32, device="cpu")

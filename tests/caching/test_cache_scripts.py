@@ -91,7 +91,7 @@ def test_cached_text_embeddings_equal_diffusers_encode_prompt(arch, tiny_sets, t
     reference = _reference_embeddings(arch, files, captions)
     for i, expected in enumerate(reference):
         tensors, meta = read_cache_file(tmp_path / f"ds/cache/img{i:03d}_{code}_te.safetensors")
-        name = "varlen_vl_embed" if arch == "qwen_image" else "varlen_llm_embed"
+        name = "vl_embed" if arch == "qwen_image" else "llm_embed"
         assert meta["caption1"] == captions[i]
         torch.testing.assert_close(tensors[name], expected, rtol=1e-5, atol=1e-5)
 

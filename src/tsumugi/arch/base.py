@@ -127,12 +127,17 @@ class Architecture(ABC):
         self,
         dit: torch.nn.Module,
         latents: torch.Tensor,
-        timestep: torch.Tensor,
+        timesteps: torch.Tensor,
         prompts: list[PromptEmbeds],
         geometry: ImageGeometry,
     ) -> torch.Tensor:
-        """Run the DiT on ``latents`` (batch of len(prompts), same latent for all) at scheduler timestep
-        ``timestep`` (= 1000 * sigma, shape (1,)), one prompt per batch row; returns velocities in fp32."""
+        """Run the DiT on a batch: ``latents`` (B, ...) in the sampler layout, ``timesteps`` (B,) equal to
+        1000 * sigma, one prompt per row (padded and masked as the family needs); returns fp32 velocities.
+        Used by the sampler and by the trainer alike."""
+
+    @abstractmethod
+    def latents_from_cache(self, cached: torch.Tensor) -> torch.Tensor:
+        """A batch of cached latents (B, ...) -> clean latents in the sampler layout (normalised/scaled)."""
 
     @abstractmethod
     def combine_guidance(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:

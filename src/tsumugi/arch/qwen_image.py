@@ -144,30 +144,30 @@ class QwenImageArchitecture(Architecture):
         self,
         dit: torch.nn.Module,
         latents: torch.Tensor,
-        timestep: torch.Tensor,
+        timesteps: torch.Tensor,
         prompts: list[PromptEmbeds],
         geometry: ImageGeometry,
     ) -> torch.Tensor:
         dtype = dit.dtype
-        batch = len(prompts)
-        lengths = [p.embeds.shape[0] for p in prompts]
-        max_len = max(lengths)
-        embeds = torch.zeros(batch, max_len, prompts[0].embeds.shape[-1], dtype=dtype, device=latents.device)
-        mask = torch.zeros(batch, max_len, dtype=torch.long, device=latents.device)
-        for i, p in enumerate(prompts):
-            embeds[i, : lengths[i]] = p.embeds.to(device=latents.device, dtype=dtype)
-            mask[i, : lengths[i]] = 1
-        hidden = latents.to(dtype).expand(batch, -1, -1)
+        device = latents.device
+        from tsumugi.text.qwen_image_prompt import pad_prompt_embeds
+
+        embeds, mask = pad_prompt_embeds([p.embeds.to(device=device, dtype=dtype) for p in prompts])
+        batch = latents.shape[0]
         img_shapes = [[(1, geometry.latent_height // 2, geometry.latent_width // 2)]] * batch
         out = dit(
-            hidden_states=hidden,
+            hidden_states=latents.to(dtype),
             encoder_hidden_states=embeds,
-            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
-            timestep=(timestep.to(dtype) / 1000).expand(batch).to(latents.device),
+            encoder_hidden_states_mask=None if bool(mask.all()) else mask.to(device),
+            timestep=(timesteps.to(device=device, dtype=dtype) / 1000),
             img_shapes=img_shapes,
             return_dict=False,
         )[0]
         return out.float()
+
+    def latents_from_cache(self, cached: torch.Tensor) -> torch.Tensor:
+        """Cached (B, 16, 1, h, w) latents are already normalised: only packed."""
+        return pack_latents(cached.float())
 
     def uses_guidance(self, scale: float) -> bool:
         return scale > 1.0

@@ -14,6 +14,10 @@ import torch
 
 from tsumugi.arch.base import Architecture, ImageGeometry, PromptEmbeds
 
+# The FLUX VAE's latent shift and scale (the VAE config's shift_factor / scaling_factor).
+VAE_SHIFT_FACTOR = 0.1159
+VAE_SCALING_FACTOR = 0.3611
+
 # The scheduler_config.json of the Z-Image release.
 ZIMAGE_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -87,21 +91,24 @@ class ZImageArchitecture(Architecture):
         self,
         dit: torch.nn.Module,
         latents: torch.Tensor,
-        timestep: torch.Tensor,
+        timesteps: torch.Tensor,
         prompts: list[PromptEmbeds],
         geometry: ImageGeometry,
     ) -> torch.Tensor:
         dtype = dit.dtype
-        batch = len(prompts)
-        x = latents.to(dtype).unsqueeze(2)  # (1, C, 1, h, w)
-        t = ((1000 - timestep.float()) / 1000).expand(batch).to(latents.device)
+        device = latents.device
+        t = (1000 - timesteps.to(device=device, dtype=torch.float32)) / 1000
         out = dit(
-            [x[0]] * batch,
+            list(latents.to(dtype).unsqueeze(2).unbind(0)),
             t,
-            [p.embeds.to(device=latents.device, dtype=dtype) for p in prompts],
+            [p.embeds.to(device=device, dtype=dtype) for p in prompts],
             return_dict=False,
         )[0]
-        return -torch.stack([o.float() for o in out]).squeeze(2)
+        return -torch.stack(out).float().squeeze(2)
+
+    def latents_from_cache(self, cached: torch.Tensor) -> torch.Tensor:
+        """Cached raw VAE latents (B, 16, h, w) -> the model's scaled latents."""
+        return (cached.float() - VAE_SHIFT_FACTOR) * VAE_SCALING_FACTOR
 
     def uses_guidance(self, scale: float) -> bool:
         return scale > 0.0

@@ -68,14 +68,14 @@ def varlen_key(name: str, tensor: torch.Tensor) -> str:
 
 
 def strip_key(key: str) -> str:
-    """The batch name of a stored key: dtype suffix and (for latents) shape token removed."""
+    """The batch name of a stored key: dtype suffix, ``varlen_`` prefix and (latents) shape token removed."""
     for dtype in _DTYPE_NAMES:
         if key.endswith("_" + dtype):
             key = key[: -len(dtype) - 1]
             break
     if key.startswith("latents"):
         key = _SHAPE_TOKEN.sub("", key)
-    return key
+    return key.removeprefix("varlen_")
 
 
 def write_cache_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

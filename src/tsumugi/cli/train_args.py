@@ -13,9 +13,12 @@ Names, types and defaults are Musubi Tuner's. Three steps:
   (``args.attn_mode``), the Qwen-Image model version and the saved LoRA layout (``args.lora_layout``).
 
 Differences from Musubi (all deliberate): no attention flag means ``--sdpa`` (Musubi stops with an
-error); ``--dim_from_weights`` reads the rank from ``--network_weights`` (Musubi's flag cannot work);
-``--lr_warmup_steps``/``--lr_decay_steps`` reject negative values and non-integer values >= 1; combinations
-Musubi fails on late (or ignores) are reported before any model is loaded.
+error); ``--dim_from_weights`` requires ``--network_weights`` (the rank comes from those weights; Musubi's
+flag cannot work); ``--lr_warmup_steps``/``--lr_decay_steps`` reject negative values and non-integer
+values >= 1; config files are read as TOML 1.0 (falling back to the ``toml`` package Musubi uses), may
+spell keys with hyphens, and a key used twice in different sections warns; ``--fused_backward_pass``
+with gradient accumulation and ``--block_swap_h2d_only`` in full fine-tuning are rejected; combinations
+Musubi fails on late (or silently ignores) are reported before any model is loaded.
 """
 
 from __future__ import annotations
@@ -31,8 +34,15 @@ from typing import Any
 
 import toml
 
-from tsumugi.cli.generate_args import _Parser, resolve_model_version
+from tsumugi.cli.generate_args import MODEL_VERSIONS, UserErrorParser, resolve_model_version
 from tsumugi.errors import UserError
+from tsumugi.train.lr_schedulers import LR_SCHEDULERS, steps_or_ratio
+from tsumugi.train.optimizers import (
+    is_schedule_free,
+    parse_literal_args,
+    parse_optimizer_args,
+    resolve_optimizer_class,
+)
 from tsumugi.train.timesteps import TimestepConfig
 
 logger = logging.getLogger(__name__)
@@ -62,31 +72,6 @@ MAX_BLOCKS_TO_SWAP = {"qwen_image": 59, "zimage": 28}
 SCRIPT_SUFFIX = {True: "train_network", False: "train"}
 
 
-# ---------------------------------------------------------------------------------------------- types
-
-
-def steps_or_ratio(value: str | int | float) -> int | float:
-    """``--lr_warmup_steps``/``--lr_decay_steps``: an int >= 0 (steps), a float in [0, 1) (ratio of the
-    training steps) or ``N%`` (0 <= N <= 100, ratio N/100). ``"5.0"`` is the int 5, as in Musubi."""
-    text = str(value).strip()
-    try:
-        if text.endswith("%"):
-            ratio = float(text[:-1]) / 100.0
-            if not 0.0 <= ratio <= 1.0:
-                raise argparse.ArgumentTypeError(f"percentage {text!r} is not in 0%..100%")
-            return ratio
-        number = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a step count, a ratio < 1 or a percentage") from None
-    if number < 0 or number != number:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    if number >= 1:
-        if not number.is_integer():
-            raise argparse.ArgumentTypeError(f"{text!r}: a ratio must be < 1; a step count must be whole")
-        return int(number)
-    return 0 if number == 0 else number
-
-
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -105,7 +90,7 @@ def _is_hyphen_alias(option: str, options: Sequence[str]) -> bool:
     return option.startswith("--") and "-" in option[2:] and "--" + option[2:].replace("-", "_") in options
 
 
-class _TrainParser(_Parser):
+class _TrainParser(UserErrorParser):
     def _get_option_tuples(self, option_string: str):  # type: ignore[override]
         # '--blocks' matches '--blocks_to_swap' and its alias '--blocks-to-swap': one flag, not ambiguous
         seen: set[int] = set()
@@ -172,7 +157,7 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
         _flag(g, "--remove_first_image_from_target",
               "layered model only: drop the composite (first) image from the noisy input and the target")
         _add(g, "--model_version", type=str, default=None,
-             help="original (default), edit, edit-2509, edit-2511 or layered")
+             help=f"one of {', '.join(MODEL_VERSIONS)} (original)")
         _flag(g, "--edit", "legacy alias of --model_version edit")
         _flag(g, "--edit_plus", "legacy alias of --model_version edit-2509")
     else:
@@ -374,7 +359,7 @@ def parse_train_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
         return args
     path = _config_path(args.config_file)
     values = _read_flat_config(path)
-    actions = {a.dest: a for a in parser._actions if a.dest != argparse.SUPPRESS and a.option_strings}
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.default is not argparse.SUPPRESS}
     from_file: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
@@ -404,10 +389,7 @@ def _read_flat_config(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"--config_file {path}: cannot read ({exc})") from None
-    try:
-        data = toml.loads(text)
-    except toml.TomlDecodeError as exc:
-        raise UserError(f"--config_file {path}: not valid TOML ({exc})") from None
+    data = _loads_toml(text, path)
     flat: dict[str, Any] = {}
     where: dict[str, str] = {}
     for name, value in data.items():
@@ -421,6 +403,25 @@ def _read_flat_config(path: Path) -> dict[str, Any]:
             flat[key] = item
             where[key] = section
     return flat
+
+
+def _loads_toml(text: str, path: Path) -> dict[str, Any]:
+    """TOML 1.0 (``tomllib``, allows mixed int/float arrays); what only the older ``toml`` package that
+    Musubi uses accepts is read with that as a fallback."""
+    first_error: Exception | None = None
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        pass
+    else:
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            first_error = exc
+    try:
+        return toml.loads(text)
+    except toml.TomlDecodeError as exc:
+        raise UserError(f"--config_file {path}: not valid TOML ({first_error or exc})") from None
 
 
 def _unknown_key_message(raw_key: str, key: str, path: Path, parser: argparse.ArgumentParser,
@@ -442,7 +443,7 @@ def _scripts_accepting(key: str) -> list[str]:
     for arch in ARCH_NAMES:
         for network in (True, False):
             other = build_train_parser(arch, network=network)
-            if any(a.dest == key for a in other._actions if a.option_strings):
+            if any(a.dest == key for a in other._actions if a.option_strings and a.default is not argparse.SUPPRESS):
                 found.append(other.prog)
     return found
 
@@ -674,13 +675,34 @@ def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | N
     if args.resume and not args.resume_from_huggingface and not Path(args.resume).exists():
         raise UserError(f"--resume: {args.resume} not found")
 
-    # learning-rate schedule
+    # optimizer and learning-rate schedule (bad key=value items and missing packages fail here, early)
+    resolve_optimizer_class(args.optimizer_type)
+    optimizer_kwargs = parse_optimizer_args(args.optimizer_args)
+    parse_literal_args(args.lr_scheduler_args, "--lr_scheduler_args")
     name = (args.lr_scheduler or "").lower()
-    if not args.lr_scheduler_type and (name == "constant" or name.startswith("adafactor")) and args.lr_warmup_steps:
-        raise UserError(
-            f"--lr_warmup_steps {args.lr_warmup_steps} has no effect with --lr_scheduler {args.lr_scheduler}; "
-            "use --lr_scheduler constant_with_warmup (or another scheduler) or drop the warmup"
-        )
+    if not args.lr_scheduler_type and not is_schedule_free(args.optimizer_type):
+        if not (name in LR_SCHEDULERS or name.startswith("adafactor:")):
+            close = difflib.get_close_matches(name, LR_SCHEDULERS, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(
+                f"--lr_scheduler: unknown scheduler {args.lr_scheduler!r}{hint}; expected one of {', '.join(LR_SCHEDULERS)}"
+            )
+        if (name in ("constant", "piecewise_constant") or name.startswith("adafactor")) and args.lr_warmup_steps:
+            raise UserError(
+                f"--lr_warmup_steps {args.lr_warmup_steps} has no effect with --lr_scheduler {args.lr_scheduler}; "
+                "use --lr_scheduler constant_with_warmup (or another scheduler) or drop the warmup"
+            )
+        if name.startswith("adafactor") and (args.optimizer_type or "").lower() != "adafactor":
+            raise UserError(
+                f"--lr_scheduler {args.lr_scheduler} needs --optimizer_type AdaFactor "
+                f"(got --optimizer_type {args.optimizer_type or 'AdamW'})"
+            )
+        relative_step = optimizer_kwargs.get("relative_step", True) or optimizer_kwargs.get("warmup_init", False)
+        if (args.optimizer_type or "").lower() == "adafactor" and relative_step and args.lr_warmup_steps:
+            raise UserError(
+                "--lr_warmup_steps cannot be used with --optimizer_type AdaFactor and relative_step=True (its own "
+                "adafactor schedule replaces --lr_scheduler); drop the warmup or pass --optimizer_args relative_step=False"
+            )
 
     # sampling
     sampling = args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first

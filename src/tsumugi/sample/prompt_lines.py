@@ -26,11 +26,13 @@ class PromptLine:
     guidance_scale: float | None = None
     flow_shift: float | None = None
     negative_prompt: str | None = None
+    frame_count: int | None = None
+    """``--f``: frames (video models) / output layers (Layered); unused by text-to-image."""
     control_images: list[str] = field(default_factory=list)
     source: str = ""
 
 
-_INT_OPTIONS = {"w": "width", "h": "height", "d": "seed", "s": "steps"}
+_INT_OPTIONS = {"w": "width", "h": "height", "d": "seed", "s": "steps", "f": "frame_count"}
 _FLOAT_OPTIONS = {"g": "guidance_scale", "l": "guidance_scale", "fs": "flow_shift"}
 _OPTION_SPLIT = re.compile(r"\s--(?=[A-Za-z])")
 

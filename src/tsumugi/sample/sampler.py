@@ -63,7 +63,14 @@ def denoise(
         for i in tqdm(range(settings.steps), desc="denoising", disable=not progress):
             if step_callback is not None:
                 latents = step_callback(i, latents)
-            velocity = arch.predict_velocity(dit, latents, timesteps[i : i + 1], prompts, geometry)
+            batch = len(prompts)
+            velocity = arch.predict_velocity(
+                dit,
+                latents.expand(batch, *latents.shape[1:]),
+                timesteps[i : i + 1].expand(batch),
+                prompts,
+                geometry,
+            )
             if use_cfg:
                 velocity = arch.combine_guidance(velocity[0:1], velocity[1:2], settings.guidance_scale)
             latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity

@@ -1,0 +1,115 @@
+"""The ``ss_*`` and ``modelspec.*`` metadata written with trained LoRA files (spec lora_format.md 6)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tsumugi.data.config import DatasetConfig
+
+BASE_MODEL_VERSION = {"original": "qwen_image", "edit": "qwen_image_edit", "edit-2509": "qwen_image_edit",
+                      "edit-2511": "qwen_image_edit", "layered": "qwen_image_layered"}
+ARCHITECTURE_TITLE = {"original": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit-2509": "Qwen-Image-Edit-Plus",
+                      "edit-2511": "Qwen-Image-Edit-2511", "layered": "Qwen-Image-Layered"}
+IMPLEMENTATION = {"qwen_image": "https://github.com/QwenLM/Qwen-Image", "zimage": "https://github.com/Tongyi-MAI/Z-Image"}
+
+
+def _dataset_summary(datasets: list[DatasetConfig]) -> str:
+    out = []
+    for d in datasets:
+        entry: dict[str, Any] = {
+            "resolution": list(d.resolution),
+            "caption_extension": d.caption_extension,
+            "batch_size_per_device": d.batch_size,
+            "num_repeats": d.num_repeats,
+            "enable_bucket": d.enable_bucket,
+            "bucket_no_upscale": d.bucket_no_upscale,
+            "has_control": d.has_control,
+        }
+        for key in ("image_directory", "image_jsonl_file", "control_directory"):
+            value = getattr(d, key)
+            if value is not None:
+                entry[key] = Path(value).name
+        out.append(entry)
+    return json.dumps(out)
+
+
+def lora_metadata(
+    args: argparse.Namespace,
+    arch_name: str,
+    model_version: str,
+    datasets: list[DatasetConfig],
+    *,
+    session_id: int,
+    started_at: float,
+    steps: int,
+    epoch: int,
+    num_batches_per_epoch: int,
+    optimizer_name: str,
+) -> dict[str, str]:
+    """String metadata; with ``--no_metadata`` only the minimum set plus modelspec."""
+    base = "z_image" if arch_name == "zimage" else BASE_MODEL_VERSION[model_version]
+    title = "Z-Image" if arch_name == "zimage" else ARCHITECTURE_TITLE[model_version]
+    meta: dict[str, Any] = {
+        "ss_base_model_version": base,
+        "ss_network_module": args.network_module,
+        "ss_network_dim": args.network_dim,
+        "ss_network_alpha": args.network_alpha,
+    }
+    if args.network_args:
+        meta["ss_network_args"] = json.dumps(dict(a.split("=", 1) for a in args.network_args))
+    if not args.no_metadata:
+        meta.update(
+            ss_session_id=session_id,
+            ss_training_started_at=started_at,
+            ss_training_finished_at=time.time(),
+            ss_output_name=args.output_name,
+            ss_learning_rate=args.learning_rate,
+            ss_lr_warmup_steps=args.lr_warmup_steps,
+            ss_lr_scheduler=args.lr_scheduler,
+            ss_max_grad_norm=args.max_grad_norm,
+            ss_num_train_items=sum(len(d.items or ()) * d.num_repeats for d in datasets),
+            ss_num_batches_per_epoch=num_batches_per_epoch,
+            ss_num_epochs=args.max_train_epochs,
+            ss_max_train_steps=args.max_train_steps,
+            ss_steps=steps,
+            ss_epoch=epoch,
+            ss_gradient_checkpointing=args.gradient_checkpointing,
+            ss_gradient_accumulation_steps=args.gradient_accumulation_steps,
+            ss_network_dropout=args.network_dropout,
+            ss_mixed_precision=args.mixed_precision,
+            ss_seed=args.seed,
+            ss_training_comment=args.training_comment,
+            ss_optimizer=optimizer_name,
+            ss_fp8_base=getattr(args, "fp8_base", False),
+            ss_timestep_sampling=args.timestep_sampling,
+            ss_sigmoid_scale=args.sigmoid_scale,
+            ss_discrete_flow_shift=args.discrete_flow_shift,
+            ss_weighting_scheme=args.weighting_scheme,
+            ss_logit_mean=args.logit_mean,
+            ss_logit_std=args.logit_std,
+            ss_mode_scale=args.mode_scale,
+            ss_datasets=_dataset_summary(datasets),
+            ss_sd_model_name=Path(args.dit).name,
+            ss_vae_name=Path(args.vae).name if args.vae else None,
+        )
+    arch_title = args.metadata_arch or title
+    resolution = args.metadata_reso or ("1328x1328" if base == "qwen_image" else "1024x1024")
+    meta.update({
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{arch_title}/lora",
+        "modelspec.implementation": IMPLEMENTATION[arch_name],
+        "modelspec.title": args.metadata_title or args.output_name,
+        "modelspec.resolution": str(resolution).replace(",", "x"),
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    })
+    for key in ("author", "description", "license", "tags"):
+        value = getattr(args, f"metadata_{key}", None)
+        if value:
+            meta[f"modelspec.{key}"] = value
+    if args.min_timestep is not None or args.max_timestep is not None:
+        meta["modelspec.timestep_range"] = f"{args.min_timestep or 0},{args.max_timestep or 1000}"
+    return {k: str(v) for k, v in meta.items() if v is not None}

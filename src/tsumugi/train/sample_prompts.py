@@ -1,0 +1,137 @@
+"""Sampling during training: the prompt file (.txt lines, .toml, .json), encoded once, and the images.
+
+Settings per prompt follow the family's real inference defaults (Qwen-Image: resolution-dependent
+shift and guidance 4.0; Z-Image: shift 3.0 and guidance 0.0) unless the prompt sets them; Musubi uses
+a fixed shift of 14.5 for Qwen-Image samples. Sizes must be multiples of 16 (an error names the
+prompt); Musubi rounds to 8, which the packed latents cannot use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tsumugi.arch.base import Architecture, ImageGeometry
+from tsumugi.errors import UserError
+from tsumugi.sample.png_output import save_png, to_pil
+from tsumugi.sample.prompt_lines import PromptLine, parse_prompt_line
+from tsumugi.sample.sampler import SamplingSettings, denoise
+
+logger = logging.getLogger(__name__)
+
+_TOML_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
+              "seed": "seed", "sample_steps": "steps", "cfg_scale": "guidance_scale",
+              "discrete_flow_shift": "flow_shift", "frame_count": "frame_count", "guidance_scale": None,
+              "control_image_path": "control_images", "image_path": None}
+
+
+def _from_dict(entry: dict, source: str) -> PromptLine:
+    line = PromptLine(prompt="", source=source)
+    for key, value in entry.items():
+        if key not in _TOML_KEYS:
+            raise UserError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(_TOML_KEYS))})")
+        if _TOML_KEYS[key]:
+            setattr(line, _TOML_KEYS[key], list(value) if key == "control_image_path" else value)
+    return line
+
+
+def read_sample_prompts(path: str) -> list[PromptLine]:
+    """Prompts of a ``.txt`` (one prompt line each), ``.toml`` ([prompt] + [[prompt.subset]]) or ``.json`` file."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--sample_prompts: {path} does not exist")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".toml":
+        import toml
+
+        try:
+            data = toml.loads(text).get("prompt", {})
+        except toml.TomlDecodeError as exc:
+            raise UserError(f"--sample_prompts: {path} is not valid TOML ({exc})") from None
+        shared = {k: v for k, v in data.items() if k != "subset"}
+        return [_from_dict({**shared, **sub}, f"{path}:subset {i}") for i, sub in enumerate(data.get("subset", []))]
+    if file.suffix == ".json":
+        entries = json.loads(text)
+        return [parse_prompt_line(e, f"{path}[{i}]") if isinstance(e, str) else _from_dict(e, f"{path}[{i}]")
+                for i, e in enumerate(entries)]
+    lines = [(n, raw.strip()) for n, raw in enumerate(text.splitlines(), 1)]
+    return [parse_prompt_line(t, f"{path}:{n}") for n, t in lines if t and not t.startswith("#")]
+
+
+@dataclass
+class SamplePlan:
+    line: PromptLine
+    index: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    negative: str
+
+
+def plan_samples(arch: Architecture, lines: list[PromptLine]) -> list[SamplePlan]:
+    plans = []
+    for index, line in enumerate(lines):
+        width, height = line.width or 256, line.height or 256
+        if width % 16 or height % 16:
+            raise UserError(f"{line.source}: sample size {width}x{height} must be multiples of 16")
+        guidance = arch.default_guidance_scale if line.guidance_scale is None else line.guidance_scale
+        negative = arch.default_negative_prompt if line.negative_prompt is None else line.negative_prompt
+        steps = min(max(line.steps or 20, 1), 1000)
+        plans.append(SamplePlan(line, index, width, height, steps, guidance, negative))
+    return plans
+
+
+class TrainingSampler:
+    """Encodes the sample prompts once (text encoder freed afterwards) and renders them on demand."""
+
+    def __init__(self, arch: Architecture, args, device: torch.device, dtype: torch.dtype) -> None:
+        self.arch, self.args, self.device = arch, args, device
+        self.plans = plan_samples(arch, read_sample_prompts(args.sample_prompts))
+        if not args.text_encoder:
+            raise UserError("--sample_prompts needs --text_encoder to encode the sample prompts")
+        if not args.vae:
+            raise UserError("--sample_prompts needs --vae to decode the samples")
+        texts = list(dict.fromkeys(t for p in self.plans for t in (p.line.prompt, p.negative)))
+        encoder = arch.load_text_encoder(args.text_encoder, dtype=dtype, device=device)
+        tokenizer = arch.load_tokenizer(getattr(args, "tokenizer", None))
+        with torch.no_grad():
+            self.embeds = {t: arch.encode_prompts(encoder, tokenizer, [t], device)[0] for t in texts}
+        del encoder
+        self.vae = None
+        self.directory = Path(args.output_dir) / "sample"
+
+    def render(self, dit: torch.nn.Module, label: str) -> list[Path]:
+        """Sample every prompt with the network applied; ``label`` is ``e000003`` or ``000120``."""
+        if self.vae is None:
+            self.vae = self.arch.load_vae(self.args.vae, device=self.device)
+        written = []
+        for plan in self.plans:
+            seed = plan.line.seed if plan.line.seed is not None else random.SystemRandom().randint(0, 2**32 - 1)
+            geometry = ImageGeometry(height=plan.height, width=plan.width)
+            generator = torch.Generator("cpu").manual_seed(seed)
+            noise = self.arch.initial_noise(geometry, generator, torch.float32)
+            use_negative = self.arch.uses_guidance(plan.guidance)
+            settings = SamplingSettings(plan.steps, plan.guidance, plan.line.flow_shift)
+            with torch.no_grad():
+                latents = denoise(
+                    self.arch, dit, noise, self.embeds[plan.line.prompt],
+                    self.embeds[plan.negative] if use_negative else None, geometry, settings, progress=False,
+                )
+                image = self.arch.decode(self.vae, latents, geometry)[0]
+            stem = f"{self.args.output_name}_{label}_{plan.index:02d}_{time.strftime('%Y%m%d%H%M%S')}_{seed}"
+            params = {"prompt": plan.line.prompt, "negative_prompt": plan.negative, "seed": seed, "steps": plan.steps,
+                      "guidance_scale": plan.guidance, "flow_shift": plan.line.flow_shift or "default",
+                      "width": plan.width, "height": plan.height, "training_point": label,
+                      "model": self.arch.display_name}
+            written.append(save_png(to_pil(image), self.directory, stem, params))
+        logger.info("saved %d sample(s) to %s", len(written), self.directory)
+        return written
+
+

@@ -1,0 +1,162 @@
+"""The flow-matching LoRA trainer shared by both families (full finetuning will reuse the loop).
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches taken in order from the epoch
+plan. Every random draw (noise, sigma) of an item comes from a generator seeded with (seed, step, item), so
+results do not depend on what ran before: resuming is exact, and a batch of N equals N accumulated
+batches of 1 up to float rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from tsumugi.arch.base import Architecture, ImageGeometry, PromptEmbeds
+from tsumugi.caching.validate import CachedItem
+from tsumugi.errors import UserError
+from tsumugi.train.cached_data import CachedTrainingData
+from tsumugi.train.loss_weighting import loss_weights, noisy_input
+from tsumugi.train.state import TrainProgress
+from tsumugi.train.timesteps import TimestepConfig, sample_sigmas
+
+logger = logging.getLogger(__name__)
+
+
+def item_generator(seed: int, step: int, item: CachedItem, occurrence: int) -> torch.Generator:
+    """The CPU generator of one item in one optimizer step.
+
+    Keyed by the item (its cache file) rather than its position, so the same step draws the same noise
+    and sigma for an item whether it comes in a batch of N or in N accumulated batches of 1, and a
+    resumed run draws exactly what an uninterrupted one would.
+    """
+    digest = hashlib.sha256(f"{seed}:{step}:{item.latent_path.name}:{occurrence}".encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def micro_batch_loss(
+    arch: Architecture,
+    dit: torch.nn.Module,
+    data: CachedTrainingData,
+    items: list[CachedItem],
+    generators: list[torch.Generator],
+    timesteps: TimestepConfig,
+    weighting: str,
+    device: torch.device,
+    autocast,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow-matching loss of one micro-batch: ``mean(w(sigma) * (v_pred - (noise - x0))^2)``."""
+    batch = data.load(items)
+    width, height = batch.bucket
+    geometry = ImageGeometry(height=height, width=width)
+    x0 = arch.latents_from_cache(batch.latents).to(device)
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(device)
+    sigmas = torch.cat([sample_sigmas(timesteps, 1, geometry.num_tokens, g) for g in generators]).to(device)
+    noisy = noisy_input(x0, noise, sigmas)
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generators[0])))  # LoRA dropout draws
+    with autocast():
+        pred = arch.predict_velocity(dit, noisy, sigmas * 1000, [PromptEmbeds(t) for t in batch.text], geometry)
+    weights = loss_weights(weighting, sigmas).view(-1, *[1] * (pred.dim() - 1))
+    loss = (weights * (pred.float() - (noise - x0).float()) ** 2).mean()
+    return loss, sigmas.detach().cpu()
+
+
+def data_stream(data: CachedTrainingData, progress: TrainProgress, rank: int, world: int) -> Iterator[tuple[int, int, list]]:
+    """(epoch, index, items) from the saved position on; each process takes every ``world``-th batch."""
+    epoch, index = progress.epoch, progress.batch_index
+    while True:
+        batches = data.epoch(progress.seed, epoch)
+        share = batches[rank::world][: len(batches) // world]
+        if not share:
+            raise UserError(f"the dataset has {len(batches)} batch(es) per epoch, fewer than {world} processes")
+        for i in range(index, len(share)):
+            yield epoch, i, share[i]
+        epoch, index = epoch + 1, 0
+
+
+def steps_per_epoch(data: CachedTrainingData, world: int, accumulation: int) -> int:
+    return math.ceil((data.batches_per_epoch() // world) / accumulation)
+
+
+def resolve_seed(args: argparse.Namespace) -> int:
+    if args.seed is None:
+        args.seed = random.SystemRandom().randint(0, 2**32 - 1)
+    return int(args.seed)
+
+
+class TrainingLoop:
+    """Runs optimizer steps and calls ``on_step``/``on_epoch`` hooks (saving, sampling, logging)."""
+
+    def __init__(self, *, arch, dit, network, data, optimizer, lr_scheduler, accelerator, args, progress,
+                 max_steps, hooks) -> None:
+        self.arch, self.dit, self.network, self.data = arch, dit, network, data
+        self.optimizer, self.lr_scheduler, self.accelerator = optimizer, lr_scheduler, accelerator
+        self.args, self.progress, self.max_steps, self.hooks = args, progress, max_steps, hooks
+        self.timesteps = TimestepConfig.from_args(args)
+        self.params = [p for p in network.parameters() if p.requires_grad]
+        self.recent: list[float] = []
+
+    def _sync_gradients(self) -> None:
+        """Average LoRA gradients over processes (the network is not DDP-wrapped: its forward never runs)."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.accelerator.reduce(flat, reduction="mean")
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def run(self) -> None:
+        args, acc, progress = self.args, self.accelerator, self.progress
+        stream = data_stream(self.data, progress, acc.process_index, acc.num_processes)
+        bar = tqdm(total=self.max_steps, initial=progress.global_step, desc="steps",
+                   disable=not acc.is_local_main_process)
+        accumulation = args.gradient_accumulation_steps
+        share_len = self.data.batches_per_epoch() // acc.num_processes
+        while progress.global_step < self.max_steps:
+            total, all_sigmas, epoch_ended, seen = 0.0, [], False, Counter()
+            for _ in range(accumulation):
+                epoch, index, items = next(stream)
+                generators = []
+                for item in items:
+                    generators.append(item_generator(progress.seed, progress.global_step, item, seen[item]))
+                    seen[item] += 1
+                loss, sigmas = micro_batch_loss(
+                    self.arch, self.dit, self.data, items, generators, self.timesteps, args.weighting_scheme,
+                    acc.device, acc.autocast,
+                )
+                if not torch.isfinite(loss):
+                    self.hooks.on_nan(progress, loss.item())
+                acc.backward(loss / accumulation)
+                total += loss.item() / accumulation
+                all_sigmas.append(sigmas)
+                if index + 1 >= share_len:
+                    progress.epoch, progress.batch_index, epoch_ended = epoch + 1, 0, True
+                else:
+                    progress.epoch, progress.batch_index = epoch, index + 1
+            self._sync_gradients()
+            if args.max_grad_norm and args.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.params, args.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if getattr(args, "scale_weight_norms", None):
+                self.network.apply_max_norm(args.scale_weight_norms)
+            progress.global_step += 1
+            self.recent = (self.recent + [total])[-max(1, share_len):]
+            average = sum(self.recent) / len(self.recent)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", avg=f"{average:.4f}")
+            self.hooks.on_step(progress, total, average, torch.cat(all_sigmas))
+            if epoch_ended:
+                self.hooks.on_epoch_end(progress)
+        bar.close()
