@@ -203,6 +203,7 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
                               project_dir=str(logging_dir) if logging_dir else None)
     dit, dtype = _load_models(arch, args, accelerator.device)
     module = import_network_module(args.network_module)
+    torch.manual_seed(seed)  # the LoRA initialisation (Kaiming-uniform down weights)
     network = module.create_network(
         dit, args.network_dim, args.network_alpha, args.network_dropout, args.network_args,
         dim_from_weights=args.network_weights if args.dim_from_weights else None, device=accelerator.device,
