@@ -205,6 +205,15 @@ def test_incompatible_flags(cached, tmp_path, capsys):
     assert "--fp8_scaled" in err and "--fp8_base" in err
 
 
+@pytest.mark.parametrize("flag", [["--blocks_to_swap", "4"], ["--fp8_base"], ["--num_timestep_buckets", "4"]])
+def test_flags_without_a_feature_yet_are_refused(flag, cached, tmp_path):
+    from tsumugi.errors import UserError
+
+    toml, files = cached("zimage")
+    with pytest.raises(UserError, match=flag[0]):
+        run("zimage", toml, files, tmp_path, *flag)
+
+
 def test_nan_loss_stops_with_step_and_saves_state(cached, tiny_sets, tmp_path):
     from tsumugi.errors import UserError
     from tsumugi.models.loader import load_dit

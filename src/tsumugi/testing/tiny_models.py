@@ -85,8 +85,13 @@ def _randomize(model: torch.nn.Module, seed: int, fan_in_scaled: bool) -> None:
 
 def build_tiny(component: str, seed: int = 0) -> torch.nn.Module:
     """The tiny ``component`` (a key of :data:`COMPONENTS`) with deterministic random weights, in eval mode."""
+    return build_random(component, tiny_config(component), seed)
+
+
+def build_random(component: str, config: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+    """``component`` of any size (e.g. the released config) with deterministic random weights."""
     # Parameters start on the meta device (no library init cost); buffers are built for real.
-    model = instantiate(component, tiny_config(component), empty=True)
+    model = instantiate(component, config, empty=True)
     _randomize(model, seed, fan_in_scaled=KINDS[component].library == "diffusers")
     return model.eval()
 

@@ -100,6 +100,10 @@ class TrainingSampler:
             raise UserError("--sample_prompts needs --vae to decode the samples")
         texts = list(dict.fromkeys(t for p in self.plans for t in (p.line.prompt, p.negative)))
         encoder = arch.load_text_encoder(args.text_encoder, dtype=dtype, device=device)
+        if getattr(args, "fp8_vl", False) or getattr(args, "fp8_llm", False):
+            from tsumugi.memory.fp8_linear import quantize_linears_fp8
+
+            quantize_linears_fp8(encoder)
         tokenizer = arch.load_tokenizer(getattr(args, "tokenizer", None))
         with torch.no_grad():
             self.embeds = {t: arch.encode_prompts(encoder, tokenizer, [t], device)[0] for t in texts}
