@@ -130,3 +130,15 @@ def test_entry_points_run(style):
     result = subprocess.run([sys.executable, *target, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--flow_shift" in result.stdout and "--lora_weight" in result.stdout
+
+
+@pytest.mark.parametrize("arch", ["qwen_image", "zimage"])
+def test_fp8_scaled_generation_is_close(arch, tiny_sets, tmp_path):
+    files = tiny_sets(arch)
+    common = ("--prompt", "a red house", "--image_size", "32", "32", "--seed", "9")
+    assert _run(arch, files, *common, "--save_path", str(tmp_path / "full")) == 0
+    assert _run(arch, files, *common, "--save_path", str(tmp_path / "fp8"), "--fp8_scaled") == 0
+    (full,), (fp8,) = (tmp_path / "full").glob("*.png"), (tmp_path / "fp8").glob("*.png")
+    a, b = np.asarray(Image.open(full)).astype(int), np.asarray(Image.open(fp8)).astype(int)
+    assert 0 < np.abs(a - b).mean() < 3
+    assert json.loads(Image.open(fp8).text["tsumugi_parameters"])["fp8"] == "scaled"

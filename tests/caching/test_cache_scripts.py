@@ -190,3 +190,58 @@ def test_qwen_vae_dtype_flag_is_refused(tiny_sets, tmp_path, capsys):
     argv = ["--dataset_config", str(toml), "--vae", str(files["vae"]), "--vae_dtype", "bfloat16", "--device", "cpu"]
     assert qwen_latents(argv) == 2
     assert "--vae_dtype" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("version", ["edit", "edit-2509"])
+def test_edit_caches_controls_and_feeds_them_to_the_vl_encoder(version, tiny_sets, tmp_path):
+    """Control latents = direct encode of the resized control; text = our edit encoder (itself equal to
+    diffusers' edit pipelines, tests/text) on the VL-resized controls, in control order."""
+    from tsumugi.caching.pixels import load_control
+    from tsumugi.caching.validate import check_caches
+    from tsumugi.data.buckets import vl_input_size
+    from tsumugi.data.config import load_dataset_config
+    from tsumugi.errors import UserError
+    from tsumugi.text.qwen_image_edit_prompt import encode_qwen_image_edit_prompts
+
+    files = tiny_sets("qwen_image")
+    toml = write_tiny_dataset(tmp_path / "ds", 2, sizes=[(64, 48)], controls_per_item=2)
+    _cache("qwen_image", toml, files, "--model_version", version)
+    arch = get_architecture("qwen_image")
+    (dataset,) = load_dataset_config(toml, architecture="qie")
+    vae = arch.load_vae(str(files["vae"]), device="cpu")
+    encoder = arch.load_text_encoder(str(files["text_encoder"]), dtype=torch.float32, device="cpu")
+    for item in dataset.items:
+        (latent_file,) = (tmp_path / "ds/cache").glob(f"{item.cache_stem}_*_qie.safetensors")
+        tensors, meta = read_cache_file(latent_file)
+        bucket = tuple(int(v) for v in meta["tsumugi.bucket"].split("x"))
+        controls = [load_control(p, bucket, dataset) for p in item.control_paths]
+        assert len(controls) == 2 and sorted(k for k in tensors) == ["latents", "latents_control_0", "latents_control_1"]
+        for j, control in enumerate(controls):
+            with torch.no_grad():
+                direct = arch.encode_images_for_cache(vae, to_model_pixels(control).unsqueeze(0))[0]
+            assert torch.equal(tensors[f"latents_control_{j}"], direct)
+        vl_images = [resize_to_bucket(c, vl_input_size(c.size)) for c in controls]
+        expected = encode_qwen_image_edit_prompts(encoder, arch.load_tokenizer(), [item.caption], [vl_images],
+                                                  version, "cpu", torch.float32)[0]
+        text, text_meta = read_cache_file(tmp_path / f"ds/cache/{item.cache_stem}_qie_te.safetensors")
+        torch.testing.assert_close(text["vl_embed"], expected, rtol=1e-5, atol=1e-5)
+        assert text_meta["tsumugi.model_version"] == version
+    other = "edit-2511" if version == "edit-2509" else "edit-2509"
+    with pytest.raises(UserError, match=f"model_version was '{version}', now '{other}'"):
+        check_caches([dataset], "qie", other, "qwen_image")
+    assert len(check_caches([dataset], "qie", version, "qwen_image")[0]) == 2
+
+
+def test_fp8_text_encoder_cache_is_close_to_full_precision(tiny_sets, tmp_path):
+    files = tiny_sets("zimage")
+    full = write_tiny_dataset(tmp_path / "full", 2)
+    fp8 = write_tiny_dataset(tmp_path / "fp8", 2)
+    common = ["--text_encoder", str(files["text_encoder"]), "--device", "cpu"]
+    assert zimage_text(["--dataset_config", str(full), *common]) == 0
+    assert zimage_text(["--dataset_config", str(fp8), *common, "--fp8_llm"]) == 0
+    for name in ("img000_zi_te.safetensors", "img001_zi_te.safetensors"):
+        a = read_cache_file(tmp_path / "full/cache" / name)[0]["llm_embed"]
+        b, meta = read_cache_file(tmp_path / "fp8/cache" / name)
+        relative = (b["llm_embed"] - a).norm() / a.norm()
+        assert 0 < relative < 0.05, relative
+        assert meta["tsumugi.text_encoder"].endswith(":fp8")

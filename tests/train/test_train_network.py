@@ -205,13 +205,22 @@ def test_incompatible_flags(cached, tmp_path, capsys):
     assert "--fp8_scaled" in err and "--fp8_base" in err
 
 
-@pytest.mark.parametrize("flag", [["--blocks_to_swap", "4"], ["--fp8_base"], ["--num_timestep_buckets", "4"]])
+@pytest.mark.parametrize("flag", [["--blocks_to_swap", "4"], ["--compile"], ["--num_timestep_buckets", "4"]])
 def test_flags_without_a_feature_yet_are_refused(flag, cached, tmp_path):
     from tsumugi.errors import UserError
 
     toml, files = cached("zimage")
     with pytest.raises(UserError, match=flag[0]):
         run("zimage", toml, files, tmp_path, *flag)
+
+
+@pytest.mark.parametrize("arch", ["qwen_image", "zimage"])
+def test_training_on_fp8_scaled_weights(arch, cached, tmp_path):
+    toml, files = cached(arch)
+    result = run(arch, toml, files, tmp_path, "--fp8_base", "--fp8_scaled")
+    np.testing.assert_allclose(result.losses, PINNED[(arch, "sigma")], rtol=5e-2)
+    assert result.losses != PINNED[(arch, "sigma")], "the fp8 weights must be in use"
+    assert result.lora_path.is_file()
 
 
 def test_nan_loss_stops_with_step_and_saves_state(cached, tiny_sets, tmp_path):
@@ -251,6 +260,42 @@ def test_sampling_and_tensorboard_during_training(cached, tmp_path):
     events.Reload()
     assert {"loss/current", "loss/average"} <= set(events.Tags()["scalars"])
     assert len(events.Scalars("loss/current")) == 4
+    assert "timesteps" in events.Tags()["histograms"]
+    # a second run reuses the cached prompt embeddings: no --text_encoder needed
+    run("zimage", toml, files, tmp_path / "o", "--max_train_steps", "1", "--sample_prompts", str(prompts),
+        "--sample_at_first", "--vae", str(files["vae"]), "--output_name", "again")
+    assert len(list((tmp_path / "o/sample").glob("again_000000_*.png"))) == 2
+
+
+@pytest.mark.parametrize("arch", ["qwen_image", "zimage"])
+def test_gradient_checkpointing_gives_the_same_training(arch, cached, tmp_path):
+    toml, files = cached(arch)
+    plain = run(arch, toml, files, tmp_path / "a")
+    checkpointed = run(arch, toml, files, tmp_path / "b", "--gradient_checkpointing")
+    np.testing.assert_allclose(plain.losses, checkpointed.losses, rtol=1e-6)
+    a, b = load_file(tmp_path / "a/lora.safetensors"), load_file(tmp_path / "b/lora.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_base_weights_are_merged_before_training(cached, tmp_path):
+    """Training on top of a helper LoRA (e.g. a Z-Image training adapter): the first loss changes, and equals
+    training on a DiT file with that LoRA merged in."""
+    from tsumugi.models.loader import load_dit
+    from tsumugi.networks.lora_merge import merge_lora_files
+    from tsumugi.testing.tiny_models import save_component
+
+    toml, files = cached("zimage")
+    adapter = run("zimage", toml, files, tmp_path / "adapter", "--learning_rate", "5e-2").lora_path
+    plain = run("zimage", toml, files, tmp_path / "plain", "--max_train_steps", "1")
+    based = run("zimage", toml, files, tmp_path / "based", "--max_train_steps", "1", "--base_weights", str(adapter),
+                "--base_weights_multiplier", "0.8")
+    dit = load_dit(str(files["dit"]), "zimage", dtype=torch.float32)
+    merge_lora_files(dit, [str(adapter)], [0.8])
+    merged = dict(files, dit=save_component(dit, "zimage_dit", "comfy", tmp_path / "merged.safetensors"))
+    reference = run("zimage", toml, merged, tmp_path / "ref", "--max_train_steps", "1")
+    assert based.losses != plain.losses
+    np.testing.assert_allclose(based.losses, reference.losses, rtol=1e-6)
 
 
 def test_save_every_n_epochs_keeps_last_n(cached, tmp_path):

@@ -66,6 +66,9 @@ def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
     device.add_argument("--device", default=None, help="cuda if available, else cpu")
     device.add_argument("--dit_dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="bfloat16 on GPU, float32 on CPU by default")
+    device.add_argument("--fp8", action="store_true", help="DiT block Linears stored in float8 (plain cast)")
+    device.add_argument("--fp8_scaled", action="store_true",
+                        help="DiT block Linears in float8 with per-block scales (better quality; works without --fp8)")
     device.add_argument("--attn_mode", default="torch", help="torch|sdpa|flash|xformers|sageattn")
     device.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU")
     return parser

@@ -709,10 +709,9 @@ def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | N
     if sampling and not args.sample_prompts:
         given = [f for f in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first") if getattr(args, f)]
         raise UserError(f"--{given[0]} needs --sample_prompts")
-    if args.sample_prompts and sampling:
-        for dest in ("vae", "text_encoder"):
-            if not getattr(args, dest):
-                raise UserError(f"--sample_prompts needs --{dest} to make sample images")
+    if args.sample_prompts and sampling and not args.vae:
+        # --text_encoder may be left out once the sample prompts' embeddings are cached (checked later)
+        raise UserError("--sample_prompts needs --vae to make sample images")
 
     # timesteps (raises UserError for bad values)
     TimestepConfig.from_args(args)

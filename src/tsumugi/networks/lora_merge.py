@@ -83,6 +83,8 @@ def merge_lora_modules(
             )
         for target, part in zip(targets, torch.split(delta, rows, dim=0)):
             weight = target.weight
+            if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or hasattr(target, "scale_weight"):
+                raise UserError(f"{source}: the DiT is already in fp8; LoRAs must be merged before fp8 quantization")
             merged = weight.data.float() + part.to(weight.device)
             weight.data.copy_(merged.to(weight.dtype))
             changed += 1

@@ -158,6 +158,7 @@ def _parameters(arch: Architecture, args: argparse.Namespace, job: GenerationJob
             {"file": Path(p).name, "multiplier": (args.lora_multiplier or [])[i] if i < len(args.lora_multiplier or []) else 1.0}
             for i, p in enumerate(args.lora_weight or [])
         ],
+        fp8="scaled" if args.fp8_scaled else ("plain" if args.fp8 else "no"),
         software=f"tsumugi {tsumugi.__version__}",
     )
     return data
@@ -188,6 +189,10 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     dit = arch.load_dit(args.dit, dtype=dtype, device=device)
     if args.lora_weight:
         merge_lora_files(dit, args.lora_weight, args.lora_multiplier, args.include_patterns, args.exclude_patterns)
+    if args.fp8 or args.fp8_scaled:
+        from tsumugi.memory.fp8_dit import quantize_dit_fp8
+
+        quantize_dit_fp8(dit, arch.name, scaled=args.fp8_scaled)
     apply_attention_mode(dit, args.attn_mode)
     results = []
     for job in jobs:

@@ -157,8 +157,7 @@ class CheckpointHooks:
 
 # Flags parsed for command compatibility whose feature is not built yet: refused, never ignored.
 _NOT_YET = {
-    "blocks_to_swap": "block swap", "block_swap_h2d_only": "block swap", "fp8_base": "fp8 base weights",
-    "fp8_scaled": "fp8 base weights", "compile": "torch.compile", "gradient_checkpointing_cpu_offload":
+    "blocks_to_swap": "block swap", "block_swap_h2d_only": "block swap", "compile": "torch.compile", "gradient_checkpointing_cpu_offload":
     "activation offloading", "split_attn": "split attention", "num_timestep_buckets": "timestep buckets",
     "huggingface_repo_id": "Hugging Face upload", "resume_from_huggingface": "Hugging Face resume",
     "show_timesteps": "--show_timesteps plots", "use_32bit_attention": "32-bit attention",
@@ -189,6 +188,10 @@ def _load_models(arch: Architecture, args: argparse.Namespace, device: torch.dev
         from tsumugi.networks.lora_merge import merge_lora_files
 
         merge_lora_files(dit, args.base_weights, args.base_weights_multiplier)
+    if args.fp8_base:
+        from tsumugi.memory.fp8_dit import quantize_dit_fp8
+
+        quantize_dit_fp8(dit, arch.name, scaled=args.fp8_scaled)
     if args.gradient_checkpointing:
         dit.enable_gradient_checkpointing()
     from tsumugi.memory.attention import apply_attention_mode
@@ -272,7 +275,7 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     if args.sample_prompts:
         from tsumugi.train.sample_prompts import TrainingSampler
 
-        sampler = TrainingSampler(arch, args, accelerator.device, dtype)
+        sampler = TrainingSampler(arch, args, accelerator.device, dtype, accelerator.is_main_process)
     hooks = CheckpointHooks(arch=arch, args=args, accelerator=accelerator, network=network, dit=dit,
                             datasets=datasets, data=data, optimizer_info=info, model_version=model_version,
                             sampler=sampler)

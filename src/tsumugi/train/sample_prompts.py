@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from tsumugi.arch.base import Architecture, ImageGeometry
+from tsumugi.arch.base import Architecture, ImageGeometry, PromptEmbeds
+from tsumugi.caching.fingerprint import text_fingerprint
 from tsumugi.errors import UserError
 from tsumugi.sample.png_output import save_png, to_pil
 from tsumugi.sample.prompt_lines import PromptLine, parse_prompt_line
@@ -91,14 +93,48 @@ def plan_samples(arch: Architecture, lines: list[PromptLine]) -> list[SamplePlan
 class TrainingSampler:
     """Encodes the sample prompts once (text encoder freed afterwards) and renders them on demand."""
 
-    def __init__(self, arch: Architecture, args, device: torch.device, dtype: torch.dtype) -> None:
-        self.arch, self.args, self.device = arch, args, device
+    def __init__(self, arch: Architecture, args, device: torch.device, dtype: torch.dtype,
+                 is_main: bool = True) -> None:
+        self.arch, self.args, self.device, self._is_main = arch, args, device, is_main
         self.plans = plan_samples(arch, read_sample_prompts(args.sample_prompts))
-        if not args.text_encoder:
-            raise UserError("--sample_prompts needs --text_encoder to encode the sample prompts")
         if not args.vae:
             raise UserError("--sample_prompts needs --vae to decode the samples")
+        self.directory = Path(args.output_dir) / "sample"
         texts = list(dict.fromkeys(t for p in self.plans for t in (p.line.prompt, p.negative)))
+        self.embeds = self._cached_embeddings(texts)
+        if self.embeds is None:
+            self.embeds = self._encode(texts, dtype)
+        self.vae = None
+
+    def _cache_file(self) -> Path:
+        return self.directory / f".{self.arch.name}_prompt_embeds.safetensors"
+
+    def _cached_embeddings(self, texts: list[str]) -> dict[str, PromptEmbeds] | None:
+        """Embeddings saved by an earlier run of the same prompts with the same encoder, if any."""
+        from tsumugi.caching.cache_files import read_cache_metadata
+
+        meta = read_cache_metadata(self._cache_file())
+        keys = {text_fingerprint(t) for t in texts}
+        if meta is None or not keys <= set(meta):
+            return None
+        if self.args.text_encoder and meta.get("text_encoder") != self._encoder_identity():
+            return None
+        tensors = load_file(str(self._cache_file()))
+        logger.info("sample prompts: embeddings read from %s (no text encoder needed)", self._cache_file())
+        return {t: PromptEmbeds(tensors[text_fingerprint(t)]) for t in texts}
+
+    def _encoder_identity(self) -> str:
+        from tsumugi.caching.fingerprint import model_identity
+
+        fp8 = getattr(self.args, "fp8_vl", False) or getattr(self.args, "fp8_llm", False)
+        return model_identity(self.args.text_encoder) + (":fp8" if fp8 else "")
+
+    def _encode(self, texts: list[str], dtype: torch.dtype) -> dict[str, PromptEmbeds]:
+        from tsumugi.caching.cache_files import write_cache_file
+
+        args, arch, device = self.args, self.arch, self.device
+        if not args.text_encoder:
+            raise UserError("--sample_prompts needs --text_encoder to encode the sample prompts (they are not cached yet)")
         encoder = arch.load_text_encoder(args.text_encoder, dtype=dtype, device=device)
         if getattr(args, "fp8_vl", False) or getattr(args, "fp8_llm", False):
             from tsumugi.memory.fp8_linear import quantize_linears_fp8
@@ -106,10 +142,13 @@ class TrainingSampler:
             quantize_linears_fp8(encoder)
         tokenizer = arch.load_tokenizer(getattr(args, "tokenizer", None))
         with torch.no_grad():
-            self.embeds = {t: arch.encode_prompts(encoder, tokenizer, [t], device)[0] for t in texts}
+            embeds = {t: arch.encode_prompts(encoder, tokenizer, [t], device)[0] for t in texts}
         del encoder
-        self.vae = None
-        self.directory = Path(args.output_dir) / "sample"
+        if self._is_main:
+            tensors = {text_fingerprint(t): e.embeds.detach().cpu().contiguous() for t, e in embeds.items()}
+            meta = {k: "1" for k in tensors} | {"text_encoder": self._encoder_identity()}
+            write_cache_file(self._cache_file(), tensors, meta)
+        return embeds
 
     def render(self, dit: torch.nn.Module, label: str) -> list[Path]:
         """Sample every prompt with the network applied; ``label`` is ``e000003`` or ``000120``."""
