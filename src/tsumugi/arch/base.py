@@ -33,6 +33,8 @@ class ImageGeometry:
 
     height: int
     width: int
+    control_latent_sizes: tuple[tuple[int, int], ...] = ()
+    """(h, w) in latent pixels of each control image appended to the DiT input (Qwen-Image Edit)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -64,7 +66,9 @@ class Architecture(ABC):
 
     # ---- components -------------------------------------------------------------------------
     @abstractmethod
-    def load_dit(self, path: str, *, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module: ...
+    def load_dit(
+        self, path: str, *, dtype: torch.dtype, device: torch.device | str, model_version: str = "original"
+    ) -> torch.nn.Module: ...
 
     @abstractmethod
     def load_vae(self, path: str, *, device: torch.device | str) -> torch.nn.Module: ...
@@ -130,9 +134,12 @@ class Architecture(ABC):
         timesteps: torch.Tensor,
         prompts: list[PromptEmbeds],
         geometry: ImageGeometry,
+        conditions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the DiT on a batch: ``latents`` (B, ...) in the sampler layout, ``timesteps`` (B,) equal to
-        1000 * sigma, one prompt per row (padded and masked as the family needs); returns fp32 velocities.
+        1000 * sigma, one prompt per row (padded and masked as the family needs); returns fp32 velocities
+        of the target only. ``conditions``: clean control latents in the sampler layout, appended to the
+        input sequence (sizes in ``geometry.control_latent_sizes``); families without them refuse.
         Used by the sampler and by the trainer alike."""
 
     @abstractmethod

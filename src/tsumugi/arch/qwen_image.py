@@ -63,10 +63,14 @@ class QwenImageArchitecture(Architecture):
     default_guidance_scale = 4.0
     default_negative_prompt = " "
 
-    def load_dit(self, path: str, *, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
+    def load_dit(
+        self, path: str, *, dtype: torch.dtype, device: torch.device | str, model_version: str = "original"
+    ) -> torch.nn.Module:
+        """Edit-2511 modulates control tokens with t = 0 (``zero_cond_t``), also for files without its marker."""
         from tsumugi.models.loader import load_dit
 
-        return load_dit(path, "qwen_image", dtype=dtype, device=device)
+        overrides = {"zero_cond_t": True} if model_version == "edit-2511" else None
+        return load_dit(path, "qwen_image", dtype=dtype, device=device, config_overrides=overrides)
 
     def load_vae(self, path: str, *, device: torch.device | str) -> torch.nn.Module:
         from tsumugi.models.loader import load_vae
@@ -147,23 +151,26 @@ class QwenImageArchitecture(Architecture):
         timesteps: torch.Tensor,
         prompts: list[PromptEmbeds],
         geometry: ImageGeometry,
+        conditions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         dtype = dit.dtype
         device = latents.device
         from tsumugi.text.qwen_image_prompt import pad_prompt_embeds
 
         embeds, mask = pad_prompt_embeds([p.embeds.to(device=device, dtype=dtype) for p in prompts])
-        batch = latents.shape[0]
-        img_shapes = [[(1, geometry.latent_height // 2, geometry.latent_width // 2)]] * batch
+        batch, num_target = latents.shape[0], latents.shape[1]
+        shapes = [(1, geometry.latent_height // 2, geometry.latent_width // 2)]
+        shapes += [(1, h // 2, w // 2) for h, w in geometry.control_latent_sizes]
+        hidden = latents if conditions is None else torch.cat([latents, conditions.to(latents)], dim=1)
         out = dit(
-            hidden_states=latents.to(dtype),
+            hidden_states=hidden.to(dtype),
             encoder_hidden_states=embeds,
             encoder_hidden_states_mask=None if bool(mask.all()) else mask.to(device),
             timestep=(timesteps.to(device=device, dtype=dtype) / 1000),
-            img_shapes=img_shapes,
+            img_shapes=[shapes] * batch,
             return_dict=False,
         )[0]
-        return out.float()
+        return out[:, :num_target].float()
 
     def latents_from_cache(self, cached: torch.Tensor) -> torch.Tensor:
         """Cached (B, 16, 1, h, w) latents are already normalised: only packed."""

@@ -34,7 +34,9 @@ class ZImageArchitecture(Architecture):
     default_negative_prompt = ""
     default_flow_shift = 3.0
 
-    def load_dit(self, path: str, *, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
+    def load_dit(
+        self, path: str, *, dtype: torch.dtype, device: torch.device | str, model_version: str = "original"
+    ) -> torch.nn.Module:
         from tsumugi.models.loader import load_dit
 
         return load_dit(path, "zimage", dtype=dtype, device=device)
@@ -94,7 +96,10 @@ class ZImageArchitecture(Architecture):
         timesteps: torch.Tensor,
         prompts: list[PromptEmbeds],
         geometry: ImageGeometry,
+        conditions: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if conditions is not None:
+            raise ValueError("Z-Image takes no control images")
         dtype = dit.dtype
         device = latents.device
         t = (1000 - timesteps.to(device=device, dtype=torch.float32)) / 1000

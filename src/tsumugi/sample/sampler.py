@@ -48,10 +48,12 @@ def denoise(
     *,
     progress: bool = True,
     step_callback: StepCallback | None = None,
+    conditions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the sampler from ``noise`` and return the final latents (fp32, sampler layout).
 
     ``step_callback(i, latents)`` may replace the latents before step ``i`` (inpainting hooks in there).
+    ``conditions``: clean control latents (1, N_c, D) appended to the DiT input every step (Edit).
     """
     timesteps, sigmas = sigma_schedule(arch, settings, geometry)
     use_cfg = negative is not None and arch.uses_guidance(settings.guidance_scale)
@@ -70,6 +72,7 @@ def denoise(
                 timesteps[i : i + 1].expand(batch),
                 prompts,
                 geometry,
+                None if conditions is None else conditions.to(device).expand(batch, *conditions.shape[1:]),
             )
             if use_cfg:
                 velocity = arch.combine_guidance(velocity[0:1], velocity[1:2], settings.guidance_scale)
