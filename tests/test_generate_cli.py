@@ -142,3 +142,12 @@ def test_fp8_scaled_generation_is_close(arch, tiny_sets, tmp_path):
     a, b = np.asarray(Image.open(full)).astype(int), np.asarray(Image.open(fp8)).astype(int)
     assert 0 < np.abs(a - b).mean() < 3
     assert json.loads(Image.open(fp8).text["tsumugi_parameters"])["fp8"] == "scaled"
+
+
+def test_block_swap_generation_is_identical(tiny_sets, tmp_path):
+    files = tiny_sets("qwen_image")
+    common = ("--prompt", "a red house", "--image_size", "32", "32", "--seed", "9")
+    assert _run("qwen_image", files, *common, "--save_path", str(tmp_path / "a")) == 0
+    assert _run("qwen_image", files, *common, "--save_path", str(tmp_path / "b"), "--blocks_to_swap", "1") == 0
+    (a,), (b,) = (tmp_path / "a").glob("*.png"), (tmp_path / "b").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))

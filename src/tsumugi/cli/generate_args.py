@@ -69,6 +69,9 @@ def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
     device.add_argument("--fp8", action="store_true", help="DiT block Linears stored in float8 (plain cast)")
     device.add_argument("--fp8_scaled", action="store_true",
                         help="DiT block Linears in float8 with per-block scales (better quality; works without --fp8)")
+    device.add_argument("--blocks_to_swap", type=int, default=0,
+                        help="keep N transformer blocks in CPU memory, streamed to the GPU ahead of use")
+    device.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="pinned CPU copies")
     device.add_argument("--attn_mode", default="torch", help="torch|sdpa|flash|xformers|sageattn")
     device.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU")
     return parser

@@ -186,7 +186,9 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     jobs = build_jobs(arch, args)
     embeds = encode_all(arch, args, jobs, device, dtype)
 
-    dit = arch.load_dit(args.dit, dtype=dtype, device=device)
+    swap = bool(getattr(args, "blocks_to_swap", 0))
+    dit = arch.load_dit(args.dit, dtype=dtype, device="cpu" if swap else device)
+    dit.requires_grad_(False)
     if args.lora_weight:
         merge_lora_files(dit, args.lora_weight, args.lora_multiplier, args.include_patterns, args.exclude_patterns)
     if args.fp8 or args.fp8_scaled:
@@ -194,13 +196,18 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
 
         quantize_dit_fp8(dit, arch.name, scaled=args.fp8_scaled)
     apply_attention_mode(dit, args.attn_mode)
+    if swap:
+        from tsumugi.memory.block_swap import attach_block_swap
+
+        attach_block_swap(dit, args.blocks_to_swap, device, arch.name, mode="forward",
+                          pinned=args.use_pinned_memory_for_block_swap, h2d_only=True)
     results = []
     for job in jobs:
         generator = torch.Generator("cpu").manual_seed(job.seed)
         noise = arch.initial_noise(job.geometry, generator, dtype if arch.name == "qwen_image" else torch.float32)
         negative = embeds.get(job.negative_prompt) if arch.uses_guidance(job.guidance_scale) else None
         start = time.perf_counter()
-        latents = denoise(arch, dit, noise, embeds[job.prompt], negative, job.geometry, job.settings)
+        latents = denoise(arch, dit, noise, embeds[job.prompt], negative, job.geometry, job.settings, device=device)
         elapsed = time.perf_counter() - start
         logger.info("%s: %d steps in %.2f s (%.3f s/step)", job.source, job.steps, elapsed, elapsed / job.steps)
         results.append((job, latents.cpu()))

@@ -49,16 +49,18 @@ def denoise(
     progress: bool = True,
     step_callback: StepCallback | None = None,
     conditions: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Run the sampler from ``noise`` and return the final latents (fp32, sampler layout).
 
     ``step_callback(i, latents)`` may replace the latents before step ``i`` (inpainting hooks in there).
     ``conditions``: clean control latents (1, N_c, D) appended to the DiT input every step (Edit).
+    ``device``: where the latents live (default: the DiT's first parameter's device; pass it with block swap).
     """
     timesteps, sigmas = sigma_schedule(arch, settings, geometry)
     use_cfg = negative is not None and arch.uses_guidance(settings.guidance_scale)
     prompts = [positive, negative] if use_cfg else [positive]
-    device = next(dit.parameters()).device
+    device = torch.device(device) if device is not None else next(dit.parameters()).device
     latents = noise.to(device=device, dtype=torch.float32)
     sigmas = sigmas.to(device)
     with torch.no_grad():

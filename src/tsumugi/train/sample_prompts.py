@@ -166,6 +166,7 @@ class TrainingSampler:
                 latents = denoise(
                     self.arch, dit, noise, self.embeds[plan.line.prompt],
                     self.embeds[plan.negative] if use_negative else None, geometry, settings, progress=False,
+                    device=self.device,
                 )
                 image = self.arch.decode(self.vae, latents, geometry)[0]
             stem = f"{self.args.output_name}_{label}_{plan.index:02d}_{time.strftime('%Y%m%d%H%M%S')}_{seed}"

@@ -55,14 +55,20 @@ def micro_batch_loss(
     """Flow-matching loss of one micro-batch: ``mean(w(sigma) * (v_pred - (noise - x0))^2)``."""
     batch = data.load(items)
     width, height = batch.bucket
-    geometry = ImageGeometry(height=height, width=width)
+    sizes = tuple((c.shape[-2], c.shape[-1]) for c in batch.controls)
+    geometry = ImageGeometry(height=height, width=width, control_latent_sizes=sizes)
     x0 = arch.latents_from_cache(batch.latents).to(device)
+    conditions = None
+    if batch.controls:  # Edit: clean control tokens follow the target; the loss covers the target only
+        conditions = torch.cat([arch.latents_from_cache(c) for c in batch.controls], dim=1).to(device)
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(device)
     sigmas = torch.cat([sample_sigmas(timesteps, 1, geometry.num_tokens, g) for g in generators]).to(device)
     noisy = noisy_input(x0, noise, sigmas)
     torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generators[0])))  # LoRA dropout draws
     with autocast():
-        pred = arch.predict_velocity(dit, noisy, sigmas * 1000, [PromptEmbeds(t) for t in batch.text], geometry)
+        pred = arch.predict_velocity(
+            dit, noisy, sigmas * 1000, [PromptEmbeds(t) for t in batch.text], geometry, conditions
+        )
     weights = loss_weights(weighting, sigmas).view(-1, *[1] * (pred.dim() - 1))
     loss = (weights * (pred.float() - (noise - x0).float()) ** 2).mean()
     return loss, sigmas.detach().cpu()
