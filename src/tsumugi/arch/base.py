@@ -64,20 +64,29 @@ class Architecture(ABC):
     default_flow_shift: float | None = None
     """None: the family's resolution-dependent shift."""
 
-    # ---- components -------------------------------------------------------------------------
-    @abstractmethod
+    # ---- components (loaded by tsumugi.models.loader under the family's name) -------------------
     def load_dit(
         self, path: str, *, dtype: torch.dtype, device: torch.device | str, model_version: str = "original"
-    ) -> torch.nn.Module: ...
+    ) -> torch.nn.Module:
+        from tsumugi.models.loader import load_dit
 
-    @abstractmethod
-    def load_vae(self, path: str, *, device: torch.device | str) -> torch.nn.Module: ...
+        return load_dit(path, self.name, dtype=dtype, device=device)
 
-    @abstractmethod
-    def load_text_encoder(self, path: str, *, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module: ...
+    def load_vae(self, path: str, *, device: torch.device | str) -> torch.nn.Module:
+        """Both families run their VAE in float32."""
+        from tsumugi.models.loader import load_vae
 
-    @abstractmethod
-    def load_tokenizer(self, override: str | None = None) -> Any: ...
+        return load_vae(path, self.name, dtype=torch.float32, device=device)
+
+    def load_text_encoder(self, path: str, *, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
+        from tsumugi.models.loader import load_text_encoder
+
+        return load_text_encoder(path, self.name, dtype=dtype, device=device)
+
+    def load_tokenizer(self, override: str | None = None) -> Any:
+        from tsumugi.text.tokenizers import load_tokenizer
+
+        return load_tokenizer(self.name, override)
 
     @abstractmethod
     def encode_prompts(

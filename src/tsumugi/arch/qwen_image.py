@@ -72,21 +72,6 @@ class QwenImageArchitecture(Architecture):
         overrides = {"zero_cond_t": True} if model_version == "edit-2511" else None
         return load_dit(path, "qwen_image", dtype=dtype, device=device, config_overrides=overrides)
 
-    def load_vae(self, path: str, *, device: torch.device | str) -> torch.nn.Module:
-        from tsumugi.models.loader import load_vae
-
-        return load_vae(path, "qwen_image", dtype=torch.float32, device=device)
-
-    def load_text_encoder(self, path: str, *, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
-        from tsumugi.models.loader import load_text_encoder
-
-        return load_text_encoder(path, "qwen_image", dtype=dtype, device=device)
-
-    def load_tokenizer(self, override: str | None = None) -> Any:
-        from tsumugi.text.tokenizers import load_tokenizer
-
-        return load_tokenizer("qwen_image", override)
-
     def encode_prompts(
         self, text_encoder: torch.nn.Module, tokenizer: Any, prompts: list[str], device: torch.device | str
     ) -> list[PromptEmbeds]:

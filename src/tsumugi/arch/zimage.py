@@ -34,28 +34,6 @@ class ZImageArchitecture(Architecture):
     default_negative_prompt = ""
     default_flow_shift = 3.0
 
-    def load_dit(
-        self, path: str, *, dtype: torch.dtype, device: torch.device | str, model_version: str = "original"
-    ) -> torch.nn.Module:
-        from tsumugi.models.loader import load_dit
-
-        return load_dit(path, "zimage", dtype=dtype, device=device)
-
-    def load_vae(self, path: str, *, device: torch.device | str) -> torch.nn.Module:
-        from tsumugi.models.loader import load_vae
-
-        return load_vae(path, "zimage", dtype=torch.float32, device=device)
-
-    def load_text_encoder(self, path: str, *, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
-        from tsumugi.models.loader import load_text_encoder
-
-        return load_text_encoder(path, "zimage", dtype=dtype, device=device)
-
-    def load_tokenizer(self, override: str | None = None) -> Any:
-        from tsumugi.text.tokenizers import load_tokenizer
-
-        return load_tokenizer("zimage", override)
-
     def encode_prompts(
         self, text_encoder: torch.nn.Module, tokenizer: Any, prompts: list[str], device: torch.device | str
     ) -> list[PromptEmbeds]:

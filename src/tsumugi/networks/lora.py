@@ -612,6 +612,29 @@ def parse_network_args(network_args: Sequence[str] | None) -> NetworkArgs:
     return out
 
 
+def network_factory(spec: TargetSpec):
+    """The module-level ``create_network`` of an architecture's network module (``--network_module``)."""
+
+    def create_network(
+        dit: nn.Module,
+        network_dim: int | None,
+        network_alpha: float | None,
+        network_dropout: float | None,
+        network_args: Sequence[str] | None,
+        *,
+        multiplier: float = 1.0,
+        dim_from_weights: str | Path | None = None,
+        device: torch.device | str | None = None,
+    ) -> LoRANetwork:
+        return create_network_for_spec(
+            spec, dit, network_dim, network_alpha, network_dropout, network_args,
+            multiplier=multiplier, dim_from_weights=dim_from_weights, device=device,
+        )
+
+    create_network.__doc__ = f"{spec.name} LoRA network from Musubi's flags (see create_network_for_spec)."
+    return create_network
+
+
 def create_network_for_spec(
     spec: TargetSpec,
     dit: nn.Module,

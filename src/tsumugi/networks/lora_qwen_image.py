@@ -20,13 +20,7 @@ which Musubi, ComfyUI (generic ``lora_unet_`` map of the native Qwen keys) and d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
-import torch
-from torch import nn
-
-from tsumugi.networks.lora import LoRANetwork, TargetSpec, create_network_for_spec
+from tsumugi.networks.lora import TargetSpec, network_factory
 
 QWEN_IMAGE_TARGET = TargetSpec(
     name="qwen_image",
@@ -38,26 +32,4 @@ QWEN_IMAGE_TARGET = TargetSpec(
 DEFAULT_SAVE_LAYOUT = QWEN_IMAGE_TARGET.default_layout
 
 
-def create_network(
-    dit: nn.Module,
-    network_dim: int | None,
-    network_alpha: float | None,
-    network_dropout: float | None,
-    network_args: Sequence[str] | None,
-    *,
-    multiplier: float = 1.0,
-    dim_from_weights: str | Path | None = None,
-    device: torch.device | str | None = None,
-) -> LoRANetwork:
-    """Qwen-Image LoRA network from Musubi's flags (see :func:`tsumugi.networks.lora.create_network_for_spec`)."""
-    return create_network_for_spec(
-        QWEN_IMAGE_TARGET,
-        dit,
-        network_dim,
-        network_alpha,
-        network_dropout,
-        network_args,
-        multiplier=multiplier,
-        dim_from_weights=dim_from_weights,
-        device=device,
-    )
+create_network = network_factory(QWEN_IMAGE_TARGET)
