@@ -151,3 +151,18 @@ def test_block_swap_generation_is_identical(tiny_sets, tmp_path):
     assert _run("qwen_image", files, *common, "--save_path", str(tmp_path / "b"), "--blocks_to_swap", "1") == 0
     (a,), (b,) = (tmp_path / "a").glob("*.png"), (tmp_path / "b").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+@pytest.mark.parametrize("arch", ["qwen_image", "zimage"])
+def test_single_step_generation_is_finite(arch, tiny_sets, tmp_path):
+    from tsumugi.arch import get_architecture
+    from tsumugi.arch.base import ImageGeometry
+    from tsumugi.sample.sampler import SamplingSettings, sigma_schedule
+
+    timesteps, sigmas = sigma_schedule(get_architecture(arch), SamplingSettings(1, 4.0, None), ImageGeometry(64, 64))
+    assert timesteps.tolist() == [1000.0] and sigmas.tolist() == [1.0, 0.0]
+    files = tiny_sets(arch)
+    assert MAINS[arch]([*_models(files), "--device", "cpu", "--infer_steps", "1", "--prompt", "x",
+                        "--image_size", "32", "32", "--save_path", str(tmp_path)]) == 0
+    (png,) = tmp_path.glob("*.png")
+    assert np.asarray(Image.open(png)).std() > 0

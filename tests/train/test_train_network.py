@@ -243,7 +243,7 @@ def test_nan_loss_stops_with_step_and_saves_state(cached, tiny_sets, tmp_path):
 def test_sampling_and_tensorboard_during_training(cached, tmp_path):
     toml, files = cached("zimage")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red apple --w 32 --h 48 --d 3 --s 2\n# comment\na blue cup --d 4 --s 2 --l 2.0\n")
+    prompts.write_text("a red apple --w 32 --h 48 --d 3 --s 2 --g 7.5\n# comment\na blue cup --d 4 --s 2 --l 2.0\n")
     run("zimage", toml, files, tmp_path / "o", "--max_train_steps", "4", "--sample_prompts", str(prompts),
         "--sample_every_n_steps", "2", "--sample_at_first", "--vae", str(files["vae"]),
         "--text_encoder", str(files["text_encoder"]), "--logging_dir", str(tmp_path / "logs"))
@@ -253,6 +253,9 @@ def test_sampling_and_tensorboard_during_training(cached, tmp_path):
     assert names == {"000000", "000002", "000004"}
     first = Image.open(next(p for p in samples if "_000002_00_" in p.name))
     assert first.size == (32, 48) and first.text["prompt"] == "a red apple"
+    assert first.text["guidance_scale"] == "0.0", "--g is Musubi's embedded guidance in sample files: unused"
+    second = Image.open(next(p for p in samples if "_000002_01_" in p.name))
+    assert second.text["guidance_scale"] == "2.0"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (run_dir,) = (tmp_path / "logs").iterdir()

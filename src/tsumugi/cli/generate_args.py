@@ -35,6 +35,7 @@ def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
     models.add_argument("--exclude_patterns", nargs="*", default=None, help="per-LoRA regex of modules to skip")
     if arch.name == "qwen_image":
         add_model_version_flags(models)
+        add_edit_flags(parser)
 
     prompt = parser.add_argument_group("prompt and sampling")
     prompt.add_argument("--prompt", help="prompt text")
@@ -42,7 +43,8 @@ def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
         "--negative_prompt", default=None, help=f"negative prompt (default {arch.default_negative_prompt!r})"
     )
     prompt.add_argument("--from_file", help="prompt file, one prompt per line with --w --h --s --d --g --n --fs")
-    prompt.add_argument("--image_size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
+    prompt.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="output size (default: the first control's VAE size for edit, else 256 256)")
     prompt.add_argument("--infer_steps", type=int, default=25)
     prompt.add_argument("--guidance_scale", type=float, default=arch.default_guidance_scale)
     shift_help = "static flow shift (default: resolution-dependent)" if arch.default_flow_shift is None else (
@@ -81,6 +83,26 @@ def add_model_version_flags(group: argparse._ActionsContainer) -> None:
     group.add_argument("--model_version", default=None, help=f"one of {', '.join(MODEL_VERSIONS)} (original)")
     group.add_argument("--edit", action="store_true", help="legacy alias of --model_version edit")
     group.add_argument("--edit_plus", action="store_true", help="legacy alias of --model_version edit-2509")
+
+
+def add_edit_flags(parser: argparse.ArgumentParser) -> None:
+    edit = parser.add_argument_group("Qwen-Image-Edit")
+    edit.add_argument("--control_image_path", nargs="*", default=None,
+                      help="control image(s) in order (edit: DiT uses all, the text encoder only the first)")
+    edit.add_argument("--resize_control_to_image_size", action="store_true",
+                      help="resize/crop controls to the output size (VAE and text encoder)")
+    edit.add_argument("--resize_control_to_official_size", action="store_true",
+                      help="VAE controls at ~1024x1024 area, text-encoder controls at ~384x384 area (recommended)")
+    edit.add_argument("--append_original_name", action="store_true",
+                      help="add the first control's base name to the output names")
+    edit.add_argument("--mask_path", default=None, help="inpainting mask (white = regenerate, black = keep)")
+    edit.add_argument("--rcm_threshold", type=float, default=None,
+                      help="Reference Consistency Mask: pin regions whose latent differs less than this")
+    edit.add_argument("--rcm_relative_threshold", action="store_true",
+                      help="--rcm_threshold is a fraction of the step's largest difference")
+    edit.add_argument("--rcm_kernel_size", type=int, default=0, help="RCM Gaussian blur kernel (odd; 0/1: none)")
+    edit.add_argument("--rcm_dilate_size", type=int, default=0, help="RCM dilation radius of the regenerate region")
+    edit.add_argument("--rcm_debug_save", action="store_true", help="save the RCM mask of every step as PNG")
 
 
 def resolve_model_version(args: argparse.Namespace) -> str:

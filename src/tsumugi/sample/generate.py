@@ -11,7 +11,7 @@ import gc
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -23,9 +23,22 @@ from tsumugi.cli.generate_args import build_generate_parser, resolve_model_versi
 from tsumugi.errors import UserError
 from tsumugi.memory.attention import apply_attention_mode
 from tsumugi.networks.lora_merge import merge_lora_files
+from tsumugi.sample.edit import (
+    EDIT_VERSIONS,
+    RcmSettings,
+    ReferenceBlend,
+    check_same_grid,
+    control_images,
+    encode_controls,
+    load_control_image,
+    load_mask,
+    log_version_limits,
+    native_output_size,
+    resize_mode,
+)
 from tsumugi.sample.png_output import output_stem, save_latent, save_png, to_pil
 from tsumugi.sample.prompt_lines import PromptLine, read_prompt_file
-from tsumugi.sample.sampler import SamplingSettings, denoise
+from tsumugi.sample.sampler import SamplingSettings, denoise, sigma_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +56,23 @@ class GenerationJob:
     guidance_scale: float
     flow_shift: float | None
     source: str
+    control_paths: list[str] = field(default_factory=list)
+    vae_controls: list = field(default_factory=list, repr=False)
+    """Control images sized for the VAE/DiT (PIL), in order."""
+    vl_controls: list = field(default_factory=list, repr=False)
+    """Control images sized for the VL text encoder (PIL)."""
+    control_latent_sizes: tuple[tuple[int, int], ...] = ()
 
     @property
     def geometry(self) -> ImageGeometry:
-        return ImageGeometry(height=self.height, width=self.width)
+        return ImageGeometry(height=self.height, width=self.width, control_latent_sizes=self.control_latent_sizes)
+
+    @property
+    def control_key(self) -> tuple | None:
+        """What the prompt embedding depends on besides the text (None: text-only)."""
+        if not self.vl_controls:
+            return None
+        return tuple((p, im.size) for p, im in zip(self.control_paths, self.vl_controls))
 
     @property
     def settings(self) -> SamplingSettings:
@@ -65,27 +91,62 @@ def _check_size(job: GenerationJob) -> None:
         raise UserError(f"{job.source}: infer steps must be at least 1, found {job.steps}")
 
 
-def build_jobs(arch: Architecture, args: argparse.Namespace) -> list[GenerationJob]:
-    """One job per prompt (``--prompt`` or each line of ``--from_file``), per-line options winning."""
+def build_jobs(arch: Architecture, args: argparse.Namespace, version: str = "original") -> list[GenerationJob]:
+    """One job per prompt (``--prompt`` or each line of ``--from_file``), per-line options winning.
+
+    Edit versions: each job's controls (``--ci`` of its line, else ``--control_image_path``) are loaded and
+    sized here; without ``--image_size`` / ``--w --h`` the output takes the first control's VAE size.
+    """
     if args.from_file and args.prompt:
         logger.info("--from_file given: --prompt is used only for lines without prompt text")
     lines = read_prompt_file(args.from_file) if args.from_file else [PromptLine(args.prompt or "", source="--prompt")]
+    edit = version in EDIT_VERSIONS
+    mode = resize_mode(args) if edit else "native"
     jobs = []
     for line in lines:
+        paths = list(line.control_images) or list(getattr(args, "control_image_path", None) or [])
+        if paths and not edit:
+            raise UserError(
+                f"{line.source}: control images need an edit model: give --model_version edit, edit-2509 or "
+                "edit-2511 (or --edit / --edit_plus)"
+            )
+        if edit and not paths:
+            raise UserError(f"{line.source}: --model_version {version} needs a control image "
+                            "(--control_image_path or --ci in the prompt line)")
+        originals = [load_control_image(p, line.source) for p in paths]
+        default_size = args.image_size
+        if default_size is None:
+            default_size = [256, 256]
+            if originals:
+                w, h = native_output_size(originals[0], mode)
+                default_size = [h, w]
         job = GenerationJob(
             prompt=line.prompt or (args.prompt or ""),
             negative_prompt=line.negative_prompt if line.negative_prompt is not None else (
                 args.negative_prompt if args.negative_prompt is not None else arch.default_negative_prompt
             ),
-            width=line.width or args.image_size[1],
-            height=line.height or args.image_size[0],
+            width=line.width or default_size[1],
+            height=line.height or default_size[0],
             seed=line.seed if line.seed is not None else (args.seed if args.seed is not None else _random_seed()),
             steps=line.steps or args.infer_steps,
             guidance_scale=line.guidance_scale if line.guidance_scale is not None else args.guidance_scale,
             flow_shift=line.flow_shift if line.flow_shift is not None else args.flow_shift,
             source=line.source,
+            control_paths=paths,
         )
         _check_size(job)
+        for image in originals:
+            vae_image, vl_image = control_images(image, mode, (job.width, job.height))
+            job.vae_controls.append(vae_image)
+            job.vl_controls.append(vl_image)
+        if edit:
+            log_version_limits(version, len(paths), line.source)
+            if version == "edit":
+                job.vl_controls = job.vl_controls[:1]
+            if args.mask_path:
+                check_same_grid(job.vae_controls[0].size, job.width, job.height, "--mask_path", job.source)
+            if args.rcm_threshold is not None:
+                check_same_grid(job.vae_controls[0].size, job.width, job.height, "--rcm_threshold", job.source)
         jobs.append(job)
     return jobs
 
@@ -104,8 +165,28 @@ def _validate(arch: Architecture, args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} is required")
     if arch.name == "qwen_image":
         version = resolve_model_version(args)
-        if version != "original":
-            raise UserError(f"--model_version {version}: only text-to-image ('original') is supported so far")
+        if version == "layered":
+            raise UserError("--model_version layered: Qwen-Image-Layered generation is not supported yet")
+        _validate_edit(args, version)
+
+
+def _validate_edit(args: argparse.Namespace, version: str) -> None:
+    edit = version in EDIT_VERSIONS
+    resize_mode(args)  # both resize flags: error
+    edit_only = [name for name, on in (
+        ("--mask_path", args.mask_path), ("--rcm_threshold", args.rcm_threshold is not None),
+        ("--resize_control_to_image_size", args.resize_control_to_image_size),
+        ("--resize_control_to_official_size", args.resize_control_to_official_size),
+        ("--append_original_name", args.append_original_name),
+    ) if on]
+    if edit_only and not edit:
+        raise UserError(f"{', '.join(edit_only)}: only for edit models (--model_version edit, edit-2509, edit-2511)")
+    if args.mask_path and args.rcm_threshold is not None:
+        raise UserError("--mask_path and --rcm_threshold exclude each other: give one")
+    if args.rcm_threshold is None and (args.rcm_relative_threshold or args.rcm_debug_save):
+        raise UserError("--rcm_relative_threshold / --rcm_debug_save need --rcm_threshold")
+    if args.rcm_kernel_size < 0 or args.rcm_dilate_size < 0:
+        raise UserError("--rcm_kernel_size and --rcm_dilate_size must be >= 0")
 
 
 def _dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
@@ -122,29 +203,44 @@ def _free(*models: object) -> None:
 
 
 def encode_all(
-    arch: Architecture, args: argparse.Namespace, jobs: list[GenerationJob], device: torch.device, dtype: torch.dtype
-) -> dict[str, PromptEmbeds]:
-    """Embeddings of every distinct prompt (and negative prompt where CFG runs), the encoder loaded once."""
-    texts = []
+    arch: Architecture, args: argparse.Namespace, jobs: list[GenerationJob], device: torch.device, dtype: torch.dtype,
+    version: str = "original",
+) -> dict[tuple, PromptEmbeds]:
+    """Embeddings of every distinct (prompt, controls) pair (and negative prompt where CFG runs), the encoder
+    loaded once. Edit prompts are encoded with their VL-sized control images, the negative prompt too."""
+    keys = []
     for job in jobs:
-        texts.append(job.prompt)
+        keys.append((job.prompt, job.control_key))
         if arch.uses_guidance(job.guidance_scale):
-            texts.append(job.negative_prompt)
-    unique = list(dict.fromkeys(texts))
+            keys.append((job.negative_prompt, job.control_key))
+    unique = list(dict.fromkeys(keys))
+    images = {job.control_key: job.vl_controls for job in jobs}
     te_device = torch.device("cpu") if args.text_encoder_cpu else device
     te_dtype = torch.float32 if te_device.type == "cpu" and args.dit_dtype is None else dtype
     tokenizer = arch.load_tokenizer(args.tokenizer)
     text_encoder = arch.load_text_encoder(args.text_encoder, dtype=te_dtype, device=te_device)
     embeds = {}
-    for text in unique:  # one at a time: no padding enters the embeddings
-        embeds[text] = arch.encode_prompts(text_encoder, tokenizer, [text], te_device)[0]
+    for text, control_key in unique:  # one at a time: no padding enters the embeddings
+        with torch.no_grad():
+            if control_key is None:
+                embeds[(text, None)] = arch.encode_prompts(text_encoder, tokenizer, [text], te_device)[0]
+            else:
+                (tensor,) = arch.encode_prompts_with_images(
+                    text_encoder, tokenizer, [text], [images[control_key]], version, te_device
+                )
+                embeds[(text, control_key)] = PromptEmbeds(tensor)
     _free(text_encoder)
     return embeds
 
 
 def _parameters(arch: Architecture, args: argparse.Namespace, job: GenerationJob) -> dict[str, object]:
-    data = asdict(job)
-    data.pop("source")
+    data = {f.name: getattr(job, f.name) for f in fields(job)}
+    for key in ("source", "vae_controls", "vl_controls", "control_latent_sizes"):
+        data.pop(key)
+    if not job.control_paths:
+        data.pop("control_paths")
+    else:
+        data["control_paths"] = [Path(p).name for p in job.control_paths]
     data["flow_shift"] = "dynamic" if job.flow_shift is None and arch.default_flow_shift is None else (
         job.flow_shift if job.flow_shift is not None else arch.default_flow_shift
     )
@@ -183,12 +279,14 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     dtype = _dtype(args, device)
     if args.latent_path:
         return decode_latent_files(arch, args, device)
-    jobs = build_jobs(arch, args)
-    embeds = encode_all(arch, args, jobs, device, dtype)
+    version = resolve_model_version(args) if arch.name == "qwen_image" else "original"
+    jobs = build_jobs(arch, args, version)
+    controls = _encode_all_controls(arch, args, jobs, device)
+    embeds = encode_all(arch, args, jobs, device, dtype, version)
 
-    swap = bool(getattr(args, "blocks_to_swap", 0))
-    dit = arch.load_dit(args.dit, dtype=dtype, device="cpu" if swap else device)
-    dit.requires_grad_(False)
+    dit = arch.load_dit(args.dit, dtype=dtype, device=device, model_version=version)
+    if version in ("original", "edit", "edit-2509") and getattr(getattr(dit, "config", None), "zero_cond_t", False):
+        logger.warning("the DiT carries the Edit-2511 marker (zero_cond_t) but --model_version is %s", version)
     if args.lora_weight:
         merge_lora_files(dit, args.lora_weight, args.lora_multiplier, args.include_patterns, args.exclude_patterns)
     if args.fp8 or args.fp8_scaled:
@@ -196,18 +294,17 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
 
         quantize_dit_fp8(dit, arch.name, scaled=args.fp8_scaled)
     apply_attention_mode(dit, args.attn_mode)
-    if swap:
-        from tsumugi.memory.block_swap import attach_block_swap
-
-        attach_block_swap(dit, args.blocks_to_swap, device, arch.name, mode="forward",
-                          pinned=args.use_pinned_memory_for_block_swap, h2d_only=True)
     results = []
-    for job in jobs:
+    for job, encoded in zip(jobs, controls):
         generator = torch.Generator("cpu").manual_seed(job.seed)
         noise = arch.initial_noise(job.geometry, generator, dtype if arch.name == "qwen_image" else torch.float32)
-        negative = embeds.get(job.negative_prompt) if arch.uses_guidance(job.guidance_scale) else None
+        negative = embeds.get((job.negative_prompt, job.control_key)) if arch.uses_guidance(job.guidance_scale) else None
+        blend = _reference_blend(arch, args, job, encoded, noise)
         start = time.perf_counter()
-        latents = denoise(arch, dit, noise, embeds[job.prompt], negative, job.geometry, job.settings, device=device)
+        latents = denoise(arch, dit, noise, embeds[(job.prompt, job.control_key)], negative, job.geometry,
+                          job.settings, step_callback=blend, conditions=None if encoded is None else encoded.tokens)
+        if blend is not None:
+            latents = blend.finish(latents)
         elapsed = time.perf_counter() - start
         logger.info("%s: %d steps in %.2f s (%.3f s/step)", job.source, job.steps, elapsed, elapsed / job.steps)
         results.append((job, latents.cpu()))
@@ -216,19 +313,63 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     written = []
     save_dir = Path(args.save_path)
     for job, latents in results:
-        stem = output_stem(job.seed)
         if args.output_type in ("latent", "latent_images", "both"):
             meta = None if args.no_metadata else _latent_metadata(job)
+            stem = output_stem(job.seed, _name_suffix(args, job))
             written.append(save_latent(arch.latents_for_saving(latents, job.geometry), save_dir, stem, meta))
     if args.output_type != "latent":
         vae = arch.load_vae(args.vae, device=device)
         for job, latents in results:
             with torch.no_grad():
                 image = arch.decode(vae, latents, job.geometry)[0]
-            path = save_png(to_pil(image), save_dir, output_stem(job.seed), _parameters(arch, args, job))
+            stem = output_stem(job.seed, _name_suffix(args, job))
+            path = save_png(to_pil(image), save_dir, stem, _parameters(arch, args, job))
             logger.info("saved %s", path)
             written.append(path)
     return written
+
+
+def _name_suffix(args: argparse.Namespace, job: GenerationJob) -> str:
+    """``--append_original_name``: ``_<first control's base name>`` (Musubi writes a doubled ``_``)."""
+    if getattr(args, "append_original_name", False) and job.control_paths:
+        return "_" + Path(job.control_paths[0]).stem
+    return ""
+
+
+def _encode_all_controls(arch: Architecture, args: argparse.Namespace, jobs: list[GenerationJob],
+                         device: torch.device) -> list:
+    """VAE latents of every job's controls (None for text-to-image); sets ``control_latent_sizes``."""
+    if not any(job.vae_controls for job in jobs):
+        return [None] * len(jobs)
+    if not args.vae:
+        raise UserError("--vae is required to encode the control images")
+    vae = arch.load_vae(args.vae, device=device)
+    out = []
+    for job in jobs:
+        if not job.vae_controls:
+            out.append(None)
+            continue
+        encoded = encode_controls(arch, vae, job.vae_controls)
+        job.control_latent_sizes = encoded.latent_sizes
+        out.append(encoded)
+    _free(vae)
+    return out
+
+
+def _reference_blend(arch: Architecture, args: argparse.Namespace, job: GenerationJob, encoded, noise: torch.Tensor):
+    """The mask / RCM step callback of one job, or None."""
+    if encoded is None or (not args.mask_path and args.rcm_threshold is None):
+        return None
+    timesteps, sigmas = sigma_schedule(arch, job.settings, job.geometry)
+    if args.mask_path:
+        mask = load_mask(args.mask_path, job.width, job.height)
+        return ReferenceBlend(arch, encoded.first_tokens, noise, job.geometry, timesteps, sigmas, mask=mask)
+    rcm = RcmSettings(
+        threshold=args.rcm_threshold, relative=args.rcm_relative_threshold, kernel_size=args.rcm_kernel_size,
+        dilate_size=args.rcm_dilate_size, debug_dir=Path(args.save_path) if args.rcm_debug_save else None,
+        debug_name=Path(job.control_paths[0]).stem,
+    )
+    return ReferenceBlend(arch, encoded.first_tokens, noise, job.geometry, timesteps, sigmas, rcm=rcm)
 
 
 def decode_latent_files(arch: Architecture, args: argparse.Namespace, device: torch.device) -> list[Path]:

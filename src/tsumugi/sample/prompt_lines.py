@@ -37,8 +37,13 @@ _FLOAT_OPTIONS = {"g": "guidance_scale", "l": "guidance_scale", "fs": "flow_shif
 _OPTION_SPLIT = re.compile(r"\s--(?=[A-Za-z])")
 
 
-def parse_prompt_line(line: str, source: str = "<prompt>") -> PromptLine:
-    """Parse one line; ``source`` (e.g. ``prompts.txt:3``) is used in error messages."""
+def parse_prompt_line(line: str, source: str = "<prompt>", *, g_is_cfg: bool = True) -> PromptLine:
+    """Parse one line; ``source`` (e.g. ``prompts.txt:3``) is used in error messages.
+
+    ``g_is_cfg``: in generate prompt files ``--g`` and ``--l`` both set the CFG scale; in training sample
+    files (Musubi's convention) ``--g`` is the embedded guidance, unused by these models, and only
+    ``--l`` sets CFG.
+    """
     parts = _OPTION_SPLIT.split(" " + line.strip())
     result = PromptLine(prompt=parts[0].strip(), source=source)
     for part in parts[1:]:
@@ -47,6 +52,8 @@ def parse_prompt_line(line: str, source: str = "<prompt>") -> PromptLine:
         try:
             if key in _INT_OPTIONS:
                 setattr(result, _INT_OPTIONS[key], int(value))
+            elif key == "g" and not g_is_cfg:
+                float(value)  # validated, then ignored (embedded guidance)
             elif key in _FLOAT_OPTIONS:
                 setattr(result, _FLOAT_OPTIONS[key], float(value))
             elif key == "n":

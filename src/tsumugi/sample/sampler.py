@@ -27,6 +27,8 @@ def sigma_schedule(
     diffusers' FlowMatchEulerDiscreteScheduler computes them, configured as the released model's
     scheduler, so that shifts and the terminal stretch are exactly the reference's.
     """
+    if settings.steps == 1:  # the terminal stretch divides by zero for a single step (diffusers too)
+        return torch.tensor([1000.0]), torch.tensor([1.0, 0.0])
     scheduler = arch.make_scheduler(settings.flow_shift)
     scheduler.set_timesteps(
         sigmas=arch.base_sigmas(settings.steps), device="cpu", **arch.scheduler_kwargs(geometry)

@@ -60,10 +60,10 @@ def read_sample_prompts(path: str) -> list[PromptLine]:
         return [_from_dict({**shared, **sub}, f"{path}:subset {i}") for i, sub in enumerate(data.get("subset", []))]
     if file.suffix == ".json":
         entries = json.loads(text)
-        return [parse_prompt_line(e, f"{path}[{i}]") if isinstance(e, str) else _from_dict(e, f"{path}[{i}]")
+        return [parse_prompt_line(e, f"{path}[{i}]", g_is_cfg=False) if isinstance(e, str) else _from_dict(e, f"{path}[{i}]")
                 for i, e in enumerate(entries)]
     lines = [(n, raw.strip()) for n, raw in enumerate(text.splitlines(), 1)]
-    return [parse_prompt_line(t, f"{path}:{n}") for n, t in lines if t and not t.startswith("#")]
+    return [parse_prompt_line(t, f"{path}:{n}", g_is_cfg=False) for n, t in lines if t and not t.startswith("#")]
 
 
 @dataclass
@@ -96,15 +96,54 @@ class TrainingSampler:
     def __init__(self, arch: Architecture, args, device: torch.device, dtype: torch.dtype,
                  is_main: bool = True) -> None:
         self.arch, self.args, self.device, self._is_main = arch, args, device, is_main
-        self.plans = plan_samples(arch, read_sample_prompts(args.sample_prompts))
+        lines = read_sample_prompts(args.sample_prompts)
+        self.model_version = self._check_controls(arch, args, lines)
+        self.plans = plan_samples(arch, lines)
         if not args.vae:
             raise UserError("--sample_prompts needs --vae to decode the samples")
         self.directory = Path(args.output_dir) / "sample"
-        texts = list(dict.fromkeys(t for p in self.plans for t in (p.line.prompt, p.negative)))
+        self.controls = {p.index: self._load_controls(p.line) for p in self.plans if p.line.control_images}
+        texts = list(dict.fromkeys(self._key(p, t) for p in self.plans for t in (p.line.prompt, p.negative)))
         self.embeds = self._cached_embeddings(texts)
         if self.embeds is None:
             self.embeds = self._encode(texts, dtype)
         self.vae = None
+
+    @staticmethod
+    def _check_controls(arch: Architecture, args, lines: list[PromptLine]) -> str:
+        """Model version for lines with controls (``--ci``): edit versions only; Layered is not supported yet."""
+        with_controls = [line.source for line in lines if line.control_images]
+        if not with_controls:
+            return "original"
+        from tsumugi.cli.generate_args import resolve_model_version
+        from tsumugi.sample.edit import EDIT_VERSIONS
+
+        version = resolve_model_version(args) if getattr(arch, "name", None) == "qwen_image" else "original"
+        if version not in EDIT_VERSIONS:
+            raise UserError(
+                f"{with_controls[0]}: control images (--ci / control_image_path) in sample prompts need a Qwen-Image "
+                f"edit model (--model_version edit, edit-2509 or edit-2511); this run trains {version!r}"
+            )
+        return version
+
+    def _load_controls(self, line: PromptLine) -> tuple[list, list, str]:
+        """(VAE inputs, VL inputs, identity) of a line's controls, sized by the official-size rule caching uses."""
+        from tsumugi.caching.fingerprint import file_fingerprint
+        from tsumugi.sample.edit import load_control_image, log_version_limits, official_control_images
+
+        log_version_limits(self.model_version, len(line.control_images), line.source)
+        pairs = [official_control_images(load_control_image(p, line.source)) for p in line.control_images]
+        vl = [pair[1] for pair in pairs]
+        if self.model_version == "edit":
+            vl = vl[:1]
+        identity = "|".join(file_fingerprint(p) for p in line.control_images)
+        return [pair[0] for pair in pairs], vl, f"{self.model_version}:{identity}"
+
+    def _key(self, plan: SamplePlan, text: str) -> str:
+        """Embedding key: the text, plus the control images it is encoded with (edit samples)."""
+        if plan.index not in self.controls:
+            return text
+        return f"{text}\x00controls:{self.controls[plan.index][2]}"
 
     def _cache_file(self) -> Path:
         return self.directory / f".{self.arch.name}_prompt_embeds.safetensors"
@@ -141,8 +180,19 @@ class TrainingSampler:
 
             quantize_linears_fp8(encoder)
         tokenizer = arch.load_tokenizer(getattr(args, "tokenizer", None))
+        images = {self._key(p, t): self.controls[p.index][1] for p in self.plans if p.index in self.controls
+                  for t in (p.line.prompt, p.negative)}
+        embeds = {}
         with torch.no_grad():
-            embeds = {t: arch.encode_prompts(encoder, tokenizer, [t], device)[0] for t in texts}
+            for key in texts:
+                if key in images:
+                    text = key.split("\x00controls:")[0]
+                    (tensor,) = arch.encode_prompts_with_images(
+                        encoder, tokenizer, [text], [images[key]], self.model_version, device
+                    )
+                    embeds[key] = PromptEmbeds(tensor)
+                else:
+                    embeds[key] = arch.encode_prompts(encoder, tokenizer, [key], device)[0]
         del encoder
         if self._is_main:
             tensors = {text_fingerprint(t): e.embeds.detach().cpu().contiguous() for t, e in embeds.items()}
@@ -157,16 +207,22 @@ class TrainingSampler:
         written = []
         for plan in self.plans:
             seed = plan.line.seed if plan.line.seed is not None else random.SystemRandom().randint(0, 2**32 - 1)
-            geometry = ImageGeometry(height=plan.height, width=plan.width)
+            conditions, sizes = None, ()
+            if plan.index in self.controls:
+                from tsumugi.sample.edit import encode_controls
+
+                encoded = encode_controls(self.arch, self.vae, self.controls[plan.index][0])
+                conditions, sizes = encoded.tokens, encoded.latent_sizes
+            geometry = ImageGeometry(height=plan.height, width=plan.width, control_latent_sizes=sizes)
             generator = torch.Generator("cpu").manual_seed(seed)
             noise = self.arch.initial_noise(geometry, generator, torch.float32)
             use_negative = self.arch.uses_guidance(plan.guidance)
             settings = SamplingSettings(plan.steps, plan.guidance, plan.line.flow_shift)
             with torch.no_grad():
                 latents = denoise(
-                    self.arch, dit, noise, self.embeds[plan.line.prompt],
-                    self.embeds[plan.negative] if use_negative else None, geometry, settings, progress=False,
-                    device=self.device,
+                    self.arch, dit, noise, self.embeds[self._key(plan, plan.line.prompt)],
+                    self.embeds[self._key(plan, plan.negative)] if use_negative else None, geometry, settings,
+                    progress=False, device=self.device, conditions=conditions,
                 )
                 image = self.arch.decode(self.vae, latents, geometry)[0]
             stem = f"{self.args.output_name}_{label}_{plan.index:02d}_{time.strftime('%Y%m%d%H%M%S')}_{seed}"
@@ -174,6 +230,8 @@ class TrainingSampler:
                       "guidance_scale": plan.guidance, "flow_shift": plan.line.flow_shift or "default",
                       "width": plan.width, "height": plan.height, "training_point": label,
                       "model": self.arch.display_name}
+            if plan.line.control_images:
+                params["control_images"] = [Path(c).name for c in plan.line.control_images]
             written.append(save_png(to_pil(image), self.directory, stem, params))
         logger.info("saved %d sample(s) to %s", len(written), self.directory)
         return written
