@@ -6,6 +6,7 @@ The reference side loads the diffusers-format copy of tiny weights with diffuser
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -74,4 +75,100 @@ def reference_image(
         output_type="np",
     )
     out = pipe(true_cfg_scale=guidance, **common) if arch == "qwen_image" else pipe(guidance_scale=guidance, **common)
+    return (out.images[0] * 255).round().astype(np.uint8)
+
+
+IMAGE_TOKEN_ID = 151655
+
+
+class ForwardTokenTypes(torch.nn.Module):
+    """Text-encoder wrapper adding the ``mm_token_type_ids`` that diffusers 0.42.1's edit pipelines do not
+    pass to Qwen2.5-VL (diffusers issue #14194); without them the image tokens get 1-D positions."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def forward(self, input_ids=None, **kwargs):
+        kwargs.setdefault("mm_token_type_ids", (input_ids == IMAGE_TOKEN_ID).long())
+        return self.model(input_ids=input_ids, **kwargs)
+
+
+@contextlib.contextmanager
+def controls_at_own_size(images: list):
+    """diffusers' edit pipelines resize every control by their own rule (1024x1024 / 384x384 areas, step 32,
+    Lanczos, no crop); ours differs (step 16, area average, crop). For a comparison on controls neither
+    side resamples, their size computation returns each control's own size while this is active."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
+
+    own = {round(im.width / im.height, 6): im.size for im in images}
+    saved = pipeline_qwenimage_edit.calculate_dimensions, pipeline_qwenimage_edit_plus.calculate_dimensions
+    pipeline_qwenimage_edit.calculate_dimensions = lambda area, ratio: (*own[round(ratio, 6)], None)
+    pipeline_qwenimage_edit_plus.calculate_dimensions = lambda area, ratio: own[round(ratio, 6)]
+    try:
+        yield
+    finally:
+        pipeline_qwenimage_edit.calculate_dimensions, pipeline_qwenimage_edit_plus.calculate_dimensions = saved
+
+
+def reference_edit_image(
+    folders: dict[str, Path],
+    version: str,
+    images: list,
+    *,
+    prompt: str,
+    negative_prompt: str,
+    steps: int,
+    seed: int,
+    guidance: float = 4.0,
+    lora: Path | None = None,
+) -> np.ndarray:
+    """8-bit RGB output of diffusers' QwenImageEditPipeline (``edit``) or QwenImageEditPlusPipeline
+    (``edit-2509``/``edit-2511``, the latter with ``zero_cond_t``) at the first control's size."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from tsumugi.arch.qwen_image import QWEN_IMAGE_SCHEDULER_CONFIG
+    from tsumugi.text.qwen_vl_images import MAX_PIXELS, MIN_PIXELS
+    from tsumugi.text.tokenizers import load_tokenizer
+
+    class ImageOnlyProcessor(Qwen2VLProcessor):  # no video processor (it needs torchvision)
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    tokenizer = load_tokenizer("qwen_image")
+    extra = {"zero_cond_t": True} if version == "edit-2511" else {}
+    pipeline_class = QwenImageEditPipeline if version == "edit" else QwenImageEditPlusPipeline
+    pipe = pipeline_class(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER_CONFIG),
+        vae=AutoencoderKLQwenImage.from_pretrained(folders["vae"]),
+        text_encoder=ForwardTokenTypes(Qwen2_5_VLForConditionalGeneration.from_pretrained(folders["text_encoder"])),
+        tokenizer=tokenizer,
+        processor=ImageOnlyProcessor(Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS), tokenizer),
+        transformer=QwenImageTransformer2DModel.from_pretrained(folders["dit"], **extra),
+    )
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    width, height = images[0].size
+    with controls_at_own_size(images):
+        out = pipe(
+            image=images if version != "edit" else images[0], prompt=prompt, negative_prompt=negative_prompt,
+            true_cfg_scale=guidance, height=height, width=width, num_inference_steps=steps,
+            generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+        )
     return (out.images[0] * 255).round().astype(np.uint8)
