@@ -4,10 +4,9 @@ Parity: diffusers 0.42.1's ``QwenImageEditPipeline`` / ``QwenImageEditPlusPipeli
 ``calculate_dimensions`` (1024x1024 / 384x384 areas, step 32, Lanczos, no crop), which is not our rule
 (step 16 buckets, area averaging when shrinking, center crop). The comparison therefore runs on controls that
 neither side resamples: ours without a resize flag (VAE input = multiple-of-16 bucket of the image's own area =
-the image itself for 64x64 and 96x64; VL input = the native image), diffusers with ``calculate_dimensions``
-patched to return each control's own size (PIL returns a copy for a same-size resize). diffusers also does not
-forward ``mm_token_type_ids`` to Qwen2.5-VL (issue #14194), so its text encoder gets the shim of
-``tests/text/test_qwen_image_edit_prompt.py`` that supplies it.
+the image itself for 64x64 and 96x64; VL input = the native image), diffusers through
+:func:`tsumugi.testing.reference.reference_edit_image` (its size rule returns each control's own size there,
+and its text encoder gets the ``mm_token_type_ids`` diffusers 0.42.1 fails to pass, issue #14194).
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ from PIL import Image
 
 from tsumugi.errors import UserError
 from tsumugi.qwen_image_generate_image import main as qwen_main
+from tsumugi.testing.reference import reference_edit_image
 
 STEPS, SEED, PROMPT, NEGATIVE = 3, 321, "make the sky purple", "blurry"
-IMAGE_TOKEN_ID = 151655
 
 
 def _smooth_image(seed: int, width: int, height: int) -> Image.Image:
@@ -57,80 +56,16 @@ def _run(files, out: Path, *extra: str) -> list[np.ndarray]:
 # ---- parity with diffusers -------------------------------------------------------------------------------
 
 
-class _ForwardTokenTypes(torch.nn.Module):
-    """Encoder shim adding the ``mm_token_type_ids`` diffusers 0.42.1 fails to forward (issue #14194)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    def forward(self, input_ids=None, **kwargs):
-        kwargs.setdefault("mm_token_type_ids", (input_ids == IMAGE_TOKEN_ID).long())
-        return self.model(input_ids=input_ids, **kwargs)
-
-
-def _reference(folders, version: str, images: list[Image.Image], monkeypatch) -> np.ndarray:
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImageEditPipeline,
-        QwenImageEditPlusPipeline,
-        QwenImageTransformer2DModel,
-    )
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from tsumugi.arch.qwen_image import QWEN_IMAGE_SCHEDULER_CONFIG
-    from tsumugi.text.qwen_vl_images import MAX_PIXELS, MIN_PIXELS
-    from tsumugi.text.tokenizers import load_tokenizer
-
-    own = {round(im.width / im.height, 6): im.size for im in images}
-    monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions",
-                        lambda area, ratio: (*own[round(ratio, 6)], None))
-    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "calculate_dimensions", lambda area, ratio: own[round(ratio, 6)])
-
-    class ImageOnlyProcessor(Qwen2VLProcessor):  # no video processor (it needs torchvision)
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-    tokenizer = load_tokenizer("qwen_image")
-    extra = {"zero_cond_t": True} if version == "edit-2511" else {}
-    pipeline_class = QwenImageEditPipeline if version == "edit" else QwenImageEditPlusPipeline
-    pipe = pipeline_class(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER_CONFIG),
-        vae=AutoencoderKLQwenImage.from_pretrained(folders["vae"]),
-        text_encoder=_ForwardTokenTypes(Qwen2_5_VLForConditionalGeneration.from_pretrained(folders["text_encoder"])),
-        tokenizer=tokenizer,
-        processor=ImageOnlyProcessor(Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS), tokenizer),
-        transformer=QwenImageTransformer2DModel.from_pretrained(folders["dit"], **extra),
-    )
-    assert pipe.transformer.zero_cond_t == (version == "edit-2511")
-    out = pipe(
-        image=images if version != "edit" else images[0], prompt=PROMPT, negative_prompt=NEGATIVE,
-        true_cfg_scale=4.0, height=64, width=64, num_inference_steps=STEPS,
-        generator=torch.Generator("cpu").manual_seed(SEED), output_type="np",
-    )
-    return (out.images[0] * 255).round().astype(np.uint8)
-
-
 @pytest.mark.parametrize(("version", "names"), [
     ("edit", ["square"]), ("edit-2509", ["square"]), ("edit-2509", ["square", "wide"]), ("edit-2511", ["square", "wide"]),
 ])
-def test_edit_matches_diffusers(version, names, controls, tiny_sets, tmp_path, monkeypatch):
+def test_edit_matches_diffusers(version, names, controls, tiny_sets, tmp_path):
     paths = [str(controls[n]) for n in names]
     (ours,) = _run(tiny_sets("qwen_image"), tmp_path / "o", "--model_version", version, "--control_image_path", *paths)
     assert ours.shape == (64, 64, 3)  # output size: the first control's
-    reference = _reference(tiny_sets("qwen_image", "diffusers"), version, [Image.open(p).convert("RGB") for p in paths],
-                           monkeypatch)
+    reference = reference_edit_image(tiny_sets("qwen_image", "diffusers"), version,
+                                     [Image.open(p).convert("RGB") for p in paths], prompt=PROMPT,
+                                     negative_prompt=NEGATIVE, steps=STEPS, seed=SEED)
     assert reference.std() > 5
     assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1
 
@@ -310,3 +245,75 @@ def test_edit_with_two_controls_warns_and_uses_both_in_dit(controls, tiny_sets, 
     (one,) = _run(tiny_sets("qwen_image"), tmp_path / "one", *common, "--control_image_path", str(controls["square"]))
     assert two.shape == one.shape == (64, 64, 3)
     assert not np.array_equal(one, two), "the second control must reach the DiT"
+
+
+# ---- per-line mask / RCM options (--m, --rcm_th, --rcm_rel_th, --rcm_ks, --rcm_ds) ----------------------
+
+
+def _right_half_mask(path: Path) -> Path:
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[:, 32:] = 255
+    Image.fromarray(mask).save(path)
+    return path
+
+
+def _run_lines(files, out: Path, text: str, *extra: str) -> list[np.ndarray]:
+    prompts = out.parent / f"{out.name}_prompts.txt"
+    prompts.write_text(text)
+    return _run(files, out, "--from_file", str(prompts), *extra)
+
+
+def test_line_mask_overrides_command_line_for_that_line_only(controls, tiny_sets, tmp_path):
+    files = tiny_sets("qwen_image")
+    mask = _right_half_mask(tmp_path / "mask.png")
+    common = ("--model_version", "edit-2509", "--control_image_path", str(controls["square"]))
+    masked_line, plain_line = _run_lines(files, tmp_path / "lines", f"{PROMPT} --m {mask}\n{PROMPT}\n", *common)
+    (masked,) = _run(files, tmp_path / "masked", *common, "--mask_path", str(mask))
+    (plain,) = _run(files, tmp_path / "plain", *common)
+    assert not np.array_equal(masked, plain)
+    assert np.array_equal(masked_line, masked)
+    assert np.array_equal(plain_line, plain)
+
+
+def test_line_rcm_zero_threshold_is_plain(controls, tiny_sets, tmp_path):
+    files = tiny_sets("qwen_image")
+    common = ("--model_version", "edit-2509", "--control_image_path", str(controls["square"]))
+    (rcm0,) = _run_lines(files, tmp_path / "lines", f"{PROMPT} --rcm_th 0 --rcm_rel_th no --rcm_ks 3 --rcm_ds 1\n",
+                         *common)
+    (plain,) = _run(files, tmp_path / "plain", *common)
+    assert np.array_equal(rcm0, plain)
+
+
+@pytest.mark.parametrize(("line", "extra", "message"), [
+    ("x --m {mask} --rcm_th 0.1", [], "p.txt:2: --m and --rcm_th exclude each other"),
+    ("x --m {mask}", ["--rcm_threshold", "0.1"], "p.txt:2: --m and --rcm_threshold exclude each other"),
+    ("x --rcm_rel_th maybe", [], "p.txt:2: option --rcm_rel_th expects 1/true/yes or 0/false/no, found 'maybe'"),
+    ("x --rcm_ks 3", [], "p.txt:2: --rcm_ks need an RCM threshold"),
+    ("x --rcm_th 0.1 --rcm_ds -1", [], "p.txt:2: --rcm_ds must be >= 0"),
+    ("x --rcm_th abc", [], "p.txt:2: option --rcm_th expects a number"),
+    ("x --m {mask}x", [], "p.txt:2: --m: mask"),
+    ("x --rcm_th 0.1", ["--control_image_path", "{wide}"], "p.txt:2: --rcm_th needs the first control image"),
+])
+def test_bad_line_options(line, extra, message, controls, tiny_sets, tmp_path, capsys):
+    names = {"mask": str(_right_half_mask(tmp_path / "mask.png")), **{k: str(v) for k, v in controls.items()}}
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("# first line is a comment\n" + line.format(**names) + "\n")
+    extra = [e.format(**names) for e in extra] or ["--control_image_path", names["square"]]
+    argv = [*_models(tiny_sets("qwen_image")), "--from_file", str(prompts), "--save_path", str(tmp_path / "o"),
+            "--device", "cpu", "--image_size", "64", "64", "--model_version", "edit-2509", *extra]
+    if "--control_image_path" not in argv:
+        argv += ["--control_image_path", names["square"]]
+    assert qwen_main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_line_mask_needs_edit_model_and_qwen(controls, tiny_sets, tmp_path, capsys):
+    from tsumugi.zimage_generate_image import main as zimage_main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"x --m {controls['square']}\n")
+    common = ["--from_file", str(prompts), "--save_path", str(tmp_path / "o"), "--device", "cpu"]
+    assert qwen_main([*_models(tiny_sets("qwen_image")), *common]) == 2
+    assert "p.txt:1: --m: only for edit models" in capsys.readouterr().err
+    assert zimage_main([*_models(tiny_sets("zimage")), *common]) == 2
+    assert "p.txt:1: --m: mask/RCM prompt-line options are for Qwen-Image Edit only" in capsys.readouterr().err

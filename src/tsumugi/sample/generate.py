@@ -62,6 +62,16 @@ class GenerationJob:
     vl_controls: list = field(default_factory=list, repr=False)
     """Control images sized for the VL text encoder (PIL)."""
     control_latent_sizes: tuple[tuple[int, int], ...] = ()
+    mask_path: str | None = None
+    """Inpainting mask of this job (``--m`` of its line, else ``--mask_path``)."""
+    rcm_threshold: float | None = None
+    """RCM threshold of this job (``--rcm_th`` of its line, else ``--rcm_threshold``); None: no RCM."""
+    rcm_relative: bool = False
+    rcm_kernel_size: int = 0
+    rcm_dilate_size: int = 0
+    mask_flag: str = "--mask_path"
+    """Where the mask came from, for error messages (``--m`` or ``--mask_path``)."""
+    rcm_flag: str = "--rcm_threshold"
 
     @property
     def geometry(self) -> ImageGeometry:
@@ -134,6 +144,7 @@ def build_jobs(arch: Architecture, args: argparse.Namespace, version: str = "ori
             source=line.source,
             control_paths=paths,
         )
+        _resolve_mask_rcm(job, line, args, arch, edit)
         _check_size(job)
         for image in originals:
             vae_image, vl_image = control_images(image, mode, (job.width, job.height))
@@ -143,12 +154,51 @@ def build_jobs(arch: Architecture, args: argparse.Namespace, version: str = "ori
             log_version_limits(version, len(paths), line.source)
             if version == "edit":
                 job.vl_controls = job.vl_controls[:1]
-            if args.mask_path:
-                check_same_grid(job.vae_controls[0].size, job.width, job.height, "--mask_path", job.source)
-            if args.rcm_threshold is not None:
-                check_same_grid(job.vae_controls[0].size, job.width, job.height, "--rcm_threshold", job.source)
+            if job.mask_path:
+                check_same_grid(job.vae_controls[0].size, job.width, job.height, job.mask_flag, job.source)
+            if job.rcm_threshold is not None:
+                check_same_grid(job.vae_controls[0].size, job.width, job.height, job.rcm_flag, job.source)
         jobs.append(job)
+    if args.from_file and not any(job.rcm_threshold is not None for job in jobs):
+        if getattr(args, "rcm_relative_threshold", False) or getattr(args, "rcm_debug_save", False):
+            raise UserError("--rcm_relative_threshold / --rcm_debug_save need --rcm_threshold "
+                            "(on the command line or --rcm_th in a prompt line)")
     return jobs
+
+
+def _resolve_mask_rcm(
+    job: GenerationJob, line: PromptLine, args: argparse.Namespace, arch: Architecture, edit: bool
+) -> None:
+    """The job's mask/RCM settings: the line's ``--m`` / ``--rcm_*`` win over the command-line flags."""
+    given = line.given_edit_options
+    if given and arch.name != "qwen_image":
+        raise UserError(f"{line.source}: {', '.join(given)}: mask/RCM prompt-line options are for Qwen-Image Edit "
+                        f"only; {arch.display_name} does not take them")
+    if given and not edit:
+        raise UserError(f"{line.source}: {', '.join(given)}: only for edit models "
+                        "(--model_version edit, edit-2509, edit-2511)")
+    if arch.name != "qwen_image":
+        return
+    job.mask_path = line.mask_path or args.mask_path
+    job.mask_flag = "--m" if line.mask_path else "--mask_path"
+    job.rcm_threshold = line.rcm_threshold if line.rcm_threshold is not None else args.rcm_threshold
+    job.rcm_flag = "--rcm_th" if line.rcm_threshold is not None else "--rcm_threshold"
+    job.rcm_relative = (line.rcm_relative_threshold if line.rcm_relative_threshold is not None
+                        else args.rcm_relative_threshold)
+    job.rcm_kernel_size = line.rcm_kernel_size if line.rcm_kernel_size is not None else args.rcm_kernel_size
+    job.rcm_dilate_size = line.rcm_dilate_size if line.rcm_dilate_size is not None else args.rcm_dilate_size
+    if job.mask_path and job.rcm_threshold is not None:
+        raise UserError(f"{line.source}: {job.mask_flag} and {job.rcm_flag} exclude each other: give one for this "
+                        "line (prompt-line options override the command line only for the same setting)")
+    rcm_line_options = [o for o in given if o in ("--rcm_rel_th", "--rcm_ks", "--rcm_ds")]
+    if rcm_line_options and job.rcm_threshold is None:
+        raise UserError(f"{line.source}: {', '.join(rcm_line_options)} need an RCM threshold "
+                        "(--rcm_th in the line or --rcm_threshold)")
+    for name, value in (("--rcm_ks", line.rcm_kernel_size), ("--rcm_ds", line.rcm_dilate_size)):
+        if value is not None and value < 0:
+            raise UserError(f"{line.source}: {name} must be >= 0, found {value}")
+    if line.mask_path and not Path(line.mask_path).is_file():
+        raise UserError(f"{line.source}: --m: mask {line.mask_path} does not exist")
 
 
 def _validate(arch: Architecture, args: argparse.Namespace) -> None:
@@ -183,7 +233,7 @@ def _validate_edit(args: argparse.Namespace, version: str) -> None:
         raise UserError(f"{', '.join(edit_only)}: only for edit models (--model_version edit, edit-2509, edit-2511)")
     if args.mask_path and args.rcm_threshold is not None:
         raise UserError("--mask_path and --rcm_threshold exclude each other: give one")
-    if args.rcm_threshold is None and (args.rcm_relative_threshold or args.rcm_debug_save):
+    if args.rcm_threshold is None and not args.from_file and (args.rcm_relative_threshold or args.rcm_debug_save):
         raise UserError("--rcm_relative_threshold / --rcm_debug_save need --rcm_threshold")
     if args.rcm_kernel_size < 0 or args.rcm_dilate_size < 0:
         raise UserError("--rcm_kernel_size and --rcm_dilate_size must be >= 0")
@@ -235,8 +285,14 @@ def encode_all(
 
 def _parameters(arch: Architecture, args: argparse.Namespace, job: GenerationJob) -> dict[str, object]:
     data = {f.name: getattr(job, f.name) for f in fields(job)}
-    for key in ("source", "vae_controls", "vl_controls", "control_latent_sizes"):
+    for key in ("source", "vae_controls", "vl_controls", "control_latent_sizes", "mask_flag", "rcm_flag",
+                "mask_path", "rcm_threshold", "rcm_relative", "rcm_kernel_size", "rcm_dilate_size"):
         data.pop(key)
+    if job.mask_path:
+        data["mask_path"] = Path(job.mask_path).name
+    if job.rcm_threshold is not None:
+        data.update(rcm_threshold=job.rcm_threshold, rcm_relative=job.rcm_relative,
+                    rcm_kernel_size=job.rcm_kernel_size, rcm_dilate_size=job.rcm_dilate_size)
     if not job.control_paths:
         data.pop("control_paths")
     else:
@@ -358,15 +414,15 @@ def _encode_all_controls(arch: Architecture, args: argparse.Namespace, jobs: lis
 
 def _reference_blend(arch: Architecture, args: argparse.Namespace, job: GenerationJob, encoded, noise: torch.Tensor):
     """The mask / RCM step callback of one job, or None."""
-    if encoded is None or (not args.mask_path and args.rcm_threshold is None):
+    if encoded is None or (not job.mask_path and job.rcm_threshold is None):
         return None
     timesteps, sigmas = sigma_schedule(arch, job.settings, job.geometry)
-    if args.mask_path:
-        mask = load_mask(args.mask_path, job.width, job.height)
+    if job.mask_path:
+        mask = load_mask(job.mask_path, job.width, job.height)
         return ReferenceBlend(arch, encoded.first_tokens, noise, job.geometry, timesteps, sigmas, mask=mask)
     rcm = RcmSettings(
-        threshold=args.rcm_threshold, relative=args.rcm_relative_threshold, kernel_size=args.rcm_kernel_size,
-        dilate_size=args.rcm_dilate_size, debug_dir=Path(args.save_path) if args.rcm_debug_save else None,
+        threshold=job.rcm_threshold, relative=job.rcm_relative, kernel_size=job.rcm_kernel_size,
+        dilate_size=job.rcm_dilate_size, debug_dir=Path(args.save_path) if args.rcm_debug_save else None,
         debug_name=Path(job.control_paths[0]).stem,
     )
     return ReferenceBlend(arch, encoded.first_tokens, noise, job.geometry, timesteps, sigmas, rcm=rcm)

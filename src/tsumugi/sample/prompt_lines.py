@@ -3,6 +3,10 @@
 A line is ``prompt text --w 1024 --h 768 --s 20 --d 42 --g 4.0 --n negative text --fs 3.0``; options
 follow the first `` --``. Empty lines and ``#`` comments are skipped. Unlike Musubi, an unknown option
 is an error naming the line (a typo such as ``--sd 42`` must not silently use a random seed).
+
+Generate prompt files (``read_prompt_file``) also accept the Qwen-Image-Edit mask/RCM options ``--m PATH``,
+``--rcm_th X``, ``--rcm_rel_th B``, ``--rcm_ks N``, ``--rcm_ds N``; the architecture checks happen in
+``tsumugi.sample.generate``. Training sample files do not accept them (unknown option).
 """
 
 from __future__ import annotations
@@ -29,16 +33,43 @@ class PromptLine:
     frame_count: int | None = None
     """``--f``: frames (video models) / output layers (Layered); unused by text-to-image."""
     control_images: list[str] = field(default_factory=list)
+    mask_path: str | None = None
+    """``--m``: inpainting mask (Qwen-Image Edit)."""
+    rcm_threshold: float | None = None
+    """``--rcm_th``."""
+    rcm_relative_threshold: bool | None = None
+    """``--rcm_rel_th``."""
+    rcm_kernel_size: int | None = None
+    """``--rcm_ks``."""
+    rcm_dilate_size: int | None = None
+    """``--rcm_ds``."""
     source: str = ""
+
+    @property
+    def given_edit_options(self) -> list[str]:
+        """The mask/RCM options this line gives (as written), for error messages."""
+        given = (("--m", self.mask_path), ("--rcm_th", self.rcm_threshold),
+                 ("--rcm_rel_th", self.rcm_relative_threshold), ("--rcm_ks", self.rcm_kernel_size),
+                 ("--rcm_ds", self.rcm_dilate_size))
+        return [name for name, value in given if value is not None]
 
 
 _INT_OPTIONS = {"w": "width", "h": "height", "d": "seed", "s": "steps", "f": "frame_count"}
 _FLOAT_OPTIONS = {"g": "guidance_scale", "l": "guidance_scale", "fs": "flow_shift"}
+_EDIT_INT_OPTIONS = {"rcm_ks": "rcm_kernel_size", "rcm_ds": "rcm_dilate_size"}
+_EDIT_FLOAT_OPTIONS = {"rcm_th": "rcm_threshold"}
+_EDIT_OPTIONS = [*_EDIT_INT_OPTIONS, *_EDIT_FLOAT_OPTIONS, "m", "rcm_rel_th"]
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 _OPTION_SPLIT = re.compile(r"\s--(?=[A-Za-z])")
 
 
-def parse_prompt_line(line: str, source: str = "<prompt>", *, g_is_cfg: bool = True) -> PromptLine:
+def parse_prompt_line(
+    line: str, source: str = "<prompt>", *, g_is_cfg: bool = True, edit_options: bool = False
+) -> PromptLine:
     """Parse one line; ``source`` (e.g. ``prompts.txt:3``) is used in error messages.
+
+    ``edit_options``: accept ``--m``, ``--rcm_th``, ``--rcm_rel_th``, ``--rcm_ks``, ``--rcm_ds`` (generate
+    prompt files; whether the model takes them is checked by the caller).
 
     ``g_is_cfg``: in generate prompt files ``--g`` and ``--l`` both set the CFG scale; in training sample
     files (Musubi's convention) ``--g`` is the embedded guidance, unused by these models, and only
@@ -60,8 +91,20 @@ def parse_prompt_line(line: str, source: str = "<prompt>", *, g_is_cfg: bool = T
                 result.negative_prompt = value
             elif key == "ci":
                 result.control_images.append(value)
+            elif edit_options and key in _EDIT_INT_OPTIONS:
+                setattr(result, _EDIT_INT_OPTIONS[key], int(value))
+            elif edit_options and key in _EDIT_FLOAT_OPTIONS:
+                setattr(result, _EDIT_FLOAT_OPTIONS[key], float(value))
+            elif edit_options and key == "m":
+                if not value:
+                    raise UserError(f"{source}: option --m expects a mask file path")
+                result.mask_path = value
+            elif edit_options and key == "rcm_rel_th":
+                if value.lower() not in (*_TRUE, *_FALSE):
+                    raise UserError(f"{source}: option --rcm_rel_th expects 1/true/yes or 0/false/no, found {value!r}")
+                result.rcm_relative_threshold = value.lower() in _TRUE
             else:
-                known = sorted([*_INT_OPTIONS, *_FLOAT_OPTIONS, "n", "ci"])
+                known = sorted([*_INT_OPTIONS, *_FLOAT_OPTIONS, "n", "ci", *(_EDIT_OPTIONS if edit_options else [])])
                 raise UserError(f"{source}: unknown option --{key} (known: {', '.join('--' + k for k in known)})")
         except ValueError:
             raise UserError(f"{source}: option --{key} expects a number, found {value!r}") from None
@@ -78,7 +121,7 @@ def read_prompt_file(path: str) -> list[PromptLine]:
         text = raw.strip()
         if not text or text.startswith("#"):
             continue
-        lines.append(parse_prompt_line(text, f"{path}:{number}"))
+        lines.append(parse_prompt_line(text, f"{path}:{number}", edit_options=True))
     if not lines:
         raise UserError(f"--from_file: {path} contains no prompt (only blank or # lines)")
     return lines
