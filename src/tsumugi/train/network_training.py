@@ -241,6 +241,11 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     seed = resolve_seed(args)
 
     log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
+    if log_with in ("wandb", "all"):
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError(f"--log_with {log_with} needs the Python package 'wandb': pip install wandb")
     logging_dir = None
     if args.logging_dir:
         logging_dir = Path(args.logging_dir) / f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
