@@ -161,8 +161,7 @@ class CheckpointHooks:
 
 # Flags parsed for command compatibility whose feature is not built yet: refused, never ignored.
 _NOT_YET = {
-    "compile": "torch.compile", "gradient_checkpointing_cpu_offload":
-    "activation offloading", "split_attn": "split attention", "num_timestep_buckets": "timestep buckets",
+    "num_timestep_buckets": "timestep buckets",
     "huggingface_repo_id": "Hugging Face upload", "resume_from_huggingface": "Hugging Face resume",
     "show_timesteps": "--show_timesteps plots", "use_32bit_attention": "32-bit attention",
 }
@@ -198,11 +197,26 @@ def _load_models(arch: Architecture, args: argparse.Namespace, device: torch.dev
         from tsumugi.memory.fp8_dit import quantize_dit_fp8
 
         quantize_dit_fp8(dit, arch.name, scaled=args.fp8_scaled)
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing and getattr(args, "gradient_checkpointing_cpu_offload", False):
+        from tsumugi.memory.activation_offload import enable_checkpointing_with_cpu_offload
+
+        enable_checkpointing_with_cpu_offload(dit, pin_memory=device.type == "cuda")
+    elif args.gradient_checkpointing:
         dit.enable_gradient_checkpointing()
     from tsumugi.memory.attention import apply_attention_mode
 
     apply_attention_mode(dit, args.attn_mode, flag="--" + {"torch": "sdpa"}.get(args.attn_mode, args.attn_mode))
+    if getattr(args, "split_attn", False):
+        from tsumugi.memory.split_attention import apply_split_attention
+
+        apply_split_attention(dit)
+    if getattr(args, "compile", False):
+        from tsumugi.memory.compile_blocks import compile_blocks
+
+        # only block forwards are compiled: block swap's hooks stay eager; with swap the Linears run eagerly
+        compile_blocks(dit, arch.name, backend=args.compile_backend, mode=args.compile_mode,
+                       dynamic=args.compile_dynamic, fullgraph=args.compile_fullgraph,
+                       cache_size_limit=args.compile_cache_size_limit, eager_linears=swap)
     swapper = None
     if swap:
         from tsumugi.memory.block_swap import attach_block_swap
