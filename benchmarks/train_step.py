@@ -53,6 +53,27 @@ def synthetic_caches(arch: str, toml: Path, width: int) -> None:
                              text_metadata(code, item.caption, "original", "synthetic", []))
 
 
+KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def estimate_mfu(args, component: str, config: dict, params: int | None, seconds: float) -> float | None:
+    """Model FLOPs utilisation, approximated as (2 forward + 2 input-gradient [+ 2 recompute]) x params x tokens
+    per step (frozen base weights: no weight gradients; attention score FLOPs left out)."""
+    peak = args.peak_tflops
+    if peak is None and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
+    if peak is None:
+        return None
+    if params is None:  # release size: count on the meta device, no weights allocated
+        from tsumugi.models.components import instantiate
+
+        params = sum(t.numel() for t in instantiate(component, config, empty=True).parameters())
+    tokens = (args.resolution // 16) ** 2 * args.batch_size + 77 * args.batch_size
+    passes = 6 if args.gradient_checkpointing else 4
+    return passes * params * tokens / seconds / (peak * 1e12)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["qwen_image", "zimage"], default="qwen_image")
@@ -66,6 +87,8 @@ def main() -> int:
     parser.add_argument("--network_dim", type=int, default=16)
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more training flags")
     parser.add_argument("--workdir", default="/tmp/tsumugi_bench")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="dense bf16 peak of the device for MFU (H100/H200 SXM: 989); default: known GPUs only")
     args = parser.parse_args()
 
     component = ARCH[args.arch][0]
@@ -87,13 +110,16 @@ def main() -> int:
     train_args = validate_train_args(parse_train_args(build_train_parser(args.arch, network=True), argv))
     result = train_network(args.arch, train_args)
     step = statistics.median(result.step_seconds)
-    params = sum(t.numel() for t in build_random(component, config).parameters()) if args.size != "release" else None
+    model = build_random(component, config) if args.size != "release" else None
+    params = sum(t.numel() for t in model.parameters()) if model is not None else None
+    mfu = estimate_mfu(args, component, config, params, step)
     row = {
         "arch": args.arch, "size": args.size, "params": f"{params / 1e6:.1f}M" if params else "release",
         "resolution": args.resolution, "batch": args.batch_size, "precision": args.mixed_precision,
         "grad ckpt": args.gradient_checkpointing, "s/step": f"{step:.3f}",
         "peak host GiB": f"{peak_host_gib():.2f}",
         "peak device GiB": "-" if peak_device_gib(args.device) is None else f"{peak_device_gib(args.device):.2f}",
+        "MFU": "-" if mfu is None else f"{100 * mfu:.1f}%",
     }
     print(f"\n{describe_device(args.device)}; command: python benchmarks/train_step.py {' '.join(sys.argv[1:])}")
     print(markdown_table([row]))

@@ -144,11 +144,13 @@ def test_fp8_scaled_generation_is_close(arch, tiny_sets, tmp_path):
     assert json.loads(Image.open(fp8).text["tsumugi_parameters"])["fp8"] == "scaled"
 
 
-def test_block_swap_generation_is_identical(tiny_sets, tmp_path):
+def test_block_swap_generation_is_identical(tiny_sets, tmp_path, caplog):
     files = tiny_sets("qwen_image")
     common = ("--prompt", "a red house", "--image_size", "32", "32", "--seed", "9")
     assert _run("qwen_image", files, *common, "--save_path", str(tmp_path / "a")) == 0
+    caplog.set_level("INFO")
     assert _run("qwen_image", files, *common, "--save_path", str(tmp_path / "b"), "--blocks_to_swap", "1") == 0
+    assert "block swap: 1 of 2 blocks streamed" in caplog.text
     (a,), (b,) = (tmp_path / "a").glob("*.png"), (tmp_path / "b").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
 
@@ -166,3 +168,13 @@ def test_single_step_generation_is_finite(arch, tiny_sets, tmp_path):
                         "--image_size", "32", "32", "--save_path", str(tmp_path)]) == 0
     (png,) = tmp_path.glob("*.png")
     assert np.asarray(Image.open(png)).std() > 0
+
+
+def test_compile_and_vae_cpu_generation(tiny_sets, tmp_path):
+    files = tiny_sets("zimage")
+    common = ("--prompt", "a red house", "--image_size", "32", "32", "--seed", "9")
+    assert _run("zimage", files, *common, "--save_path", str(tmp_path / "a")) == 0
+    assert _run("zimage", files, *common, "--save_path", str(tmp_path / "b"), "--compile", "--compile_backend",
+                "aot_eager", "--vae_cpu") == 0
+    (a,), (b,) = (tmp_path / "a").glob("*.png"), (tmp_path / "b").glob("*.png")
+    assert np.abs(np.asarray(Image.open(a)).astype(int) - np.asarray(Image.open(b)).astype(int)).max() <= 1

@@ -7,6 +7,18 @@ import argparse
 from tsumugi.arch.base import Architecture
 from tsumugi.errors import UserError
 
+# --compile and its options (spec cli.md 3.9), shared by the training and generate scripts.
+COMPILE_FLAGS: list[tuple[str, dict]] = [
+    ("--compile", {"action": "store_true", "help": "torch.compile the transformer blocks"}),
+    ("--compile_backend", {"type": str, "default": "inductor", "help": "torch.compile backend"}),
+    ("--compile_mode", {"type": str, "default": "default", "help": "torch.compile mode",
+                        "choices": ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]}),
+    ("--compile_dynamic", {"type": str, "default": None, "choices": ["true", "false", "auto"],
+                           "help": "torch.compile dynamic shapes (default auto)"}),
+    ("--compile_fullgraph", {"action": "store_true", "help": "torch.compile fullgraph (not with --split_attn)"}),
+    ("--compile_cache_size_limit", {"type": int, "default": None, "help": "torch._dynamo cache size limit"}),
+]
+
 OUTPUT_TYPES = ("images", "latent", "latent_images", "both")
 MODEL_VERSIONS = ("original", "edit", "edit-2509", "edit-2511", "layered")
 
@@ -74,6 +86,9 @@ def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
     device.add_argument("--blocks_to_swap", type=int, default=0,
                         help="keep N transformer blocks in CPU memory, streamed to the GPU ahead of use")
     device.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help="pinned CPU copies")
+    device.add_argument("--vae_cpu", action="store_true", help="decode with the VAE on the CPU (saves GPU memory)")
+    for name, kwargs in COMPILE_FLAGS:
+        device.add_argument(name, **kwargs)
     device.add_argument("--attn_mode", default="torch", help="torch|sdpa|flash|xformers|sageattn")
     device.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU")
     return parser

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tsumugi.cli.generate_args import MODEL_VERSIONS, UserErrorParser, resolve_model_version
+from tsumugi.cli.generate_args import COMPILE_FLAGS, MODEL_VERSIONS, UserErrorParser, resolve_model_version
 from tsumugi.cli.train_config_file import parse_train_args  # noqa: F401  (re-exported)
 from tsumugi.errors import UserError
 from tsumugi.train.lr_schedulers import LR_SCHEDULERS, steps_or_ratio
@@ -276,14 +276,8 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
         if not qwen:
             _flag(g, "--block_swap_optimizer_patch_params",
                   "move gradients to their parameter's device before optimizer.step (block swap)")
-    _flag(g, "--compile", "torch.compile the transformer blocks")
-    _add(g, "--compile_backend", type=str, default="inductor", help="torch.compile backend")
-    _add(g, "--compile_mode", type=str, default="default",
-         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"], help="torch.compile mode")
-    _add(g, "--compile_dynamic", type=str, default=None, choices=["true", "false", "auto"],
-         help="torch.compile dynamic shapes (default auto)")
-    _flag(g, "--compile_fullgraph", "torch.compile fullgraph (not with --split_attn)")
-    _add(g, "--compile_cache_size_limit", type=int, default=None, help="torch._dynamo cache size limit")
+    for name, kwargs in COMPILE_FLAGS:
+        _add(g, name, **kwargs)
     _flag(g, "--cuda_allow_tf32", "allow TF32 matmuls")
     _flag(g, "--cuda_cudnn_benchmark", "cuDNN benchmark mode")
     _add(g, "--dynamo_backend", type=str, default="NO", choices=[e.value for e in DynamoBackend],

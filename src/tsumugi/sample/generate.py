@@ -340,7 +340,9 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     controls = _encode_all_controls(arch, args, jobs, device)
     embeds = encode_all(arch, args, jobs, device, dtype, version)
 
-    dit = arch.load_dit(args.dit, dtype=dtype, device=device, model_version=version)
+    swap = bool(args.blocks_to_swap)
+    dit = arch.load_dit(args.dit, dtype=dtype, device="cpu" if swap else device, model_version=version)
+    dit.requires_grad_(False)
     if version in ("original", "edit", "edit-2509") and getattr(getattr(dit, "config", None), "zero_cond_t", False):
         logger.warning("the DiT carries the Edit-2511 marker (zero_cond_t) but --model_version is %s", version)
     if args.lora_weight:
@@ -350,6 +352,18 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
 
         quantize_dit_fp8(dit, arch.name, scaled=args.fp8_scaled)
     apply_attention_mode(dit, args.attn_mode)
+    if args.compile:
+        from tsumugi.memory.compile_blocks import compile_blocks
+
+        compile_blocks(dit, arch.name, backend=args.compile_backend, mode=args.compile_mode,
+                       dynamic=args.compile_dynamic, fullgraph=args.compile_fullgraph,
+                       cache_size_limit=args.compile_cache_size_limit, eager_linears=swap)
+    if swap:
+        from tsumugi.memory.block_swap import attach_block_swap
+
+        swapper = attach_block_swap(dit, args.blocks_to_swap, device, arch.name, mode="forward",
+                                    pinned=args.use_pinned_memory_for_block_swap, h2d_only=True)
+        logger.info("block swap: %d of %d blocks streamed from CPU memory", args.blocks_to_swap, len(swapper.blocks))
     results = []
     for job, encoded in zip(jobs, controls):
         generator = torch.Generator("cpu").manual_seed(job.seed)
@@ -358,7 +372,8 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
         blend = _reference_blend(arch, args, job, encoded, noise)
         start = time.perf_counter()
         latents = denoise(arch, dit, noise, embeds[(job.prompt, job.control_key)], negative, job.geometry,
-                          job.settings, step_callback=blend, conditions=None if encoded is None else encoded.tokens)
+                          job.settings, step_callback=blend, conditions=None if encoded is None else encoded.tokens,
+                          device=device)
         if blend is not None:
             latents = blend.finish(latents)
         elapsed = time.perf_counter() - start
@@ -374,7 +389,7 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
             stem = output_stem(job.seed, _name_suffix(args, job))
             written.append(save_latent(arch.latents_for_saving(latents, job.geometry), save_dir, stem, meta))
     if args.output_type != "latent":
-        vae = arch.load_vae(args.vae, device=device)
+        vae = arch.load_vae(args.vae, device="cpu" if args.vae_cpu else device)
         for job, latents in results:
             with torch.no_grad():
                 image = arch.decode(vae, latents, job.geometry)[0]
@@ -399,7 +414,7 @@ def _encode_all_controls(arch: Architecture, args: argparse.Namespace, jobs: lis
         return [None] * len(jobs)
     if not args.vae:
         raise UserError("--vae is required to encode the control images")
-    vae = arch.load_vae(args.vae, device=device)
+    vae = arch.load_vae(args.vae, device="cpu" if args.vae_cpu else device)
     out = []
     for job in jobs:
         if not job.vae_controls:
@@ -432,7 +447,7 @@ def decode_latent_files(arch: Architecture, args: argparse.Namespace, device: to
     """``--latent_path``: decode latent files written by ``--output_type latent`` (ours or Musubi's)."""
     from safetensors import safe_open
 
-    vae = arch.load_vae(args.vae, device=device)
+    vae = arch.load_vae(args.vae, device="cpu" if args.vae_cpu else device)
     written = []
     for file in args.latent_path:
         try:
