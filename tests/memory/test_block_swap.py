@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 import torch
+from dit_cases import forward_backward, lora_dit, make_qwen, make_zimage, run_qwen, run_zimage
 
 from tsumugi.errors import UserError
 from tsumugi.memory.block_swap import BlockSwapper, SwapEvent, attach_block_swap
-from tsumugi.testing.tiny_configs import tiny_qwen_image_dit_config, tiny_zimage_dit_config
 
 N_BLOCKS = 6
 
@@ -35,10 +35,7 @@ class Arch:
 
 
 def _qwen() -> torch.nn.Module:
-    from diffusers import QwenImageTransformer2DModel
-
-    torch.manual_seed(0)
-    return QwenImageTransformer2DModel(**tiny_qwen_image_dit_config(num_layers=N_BLOCKS))
+    return make_qwen(N_BLOCKS)
 
 
 def _qwen_inputs() -> dict[str, Any]:
@@ -51,15 +48,8 @@ def _qwen_inputs() -> dict[str, Any]:
     }
 
 
-def _qwen_run(dit: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    return dit(**inputs, return_dict=False)[0]
-
-
 def _zimage() -> torch.nn.Module:
-    from diffusers import ZImageTransformer2DModel
-
-    torch.manual_seed(0)
-    return ZImageTransformer2DModel(**tiny_zimage_dit_config(n_layers=N_BLOCKS))
+    return make_zimage(N_BLOCKS)
 
 
 def _zimage_inputs() -> dict[str, Any]:
@@ -71,49 +61,29 @@ def _zimage_inputs() -> dict[str, Any]:
     }
 
 
-def _zimage_run(dit: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    return torch.stack(list(dit(inputs["x"], inputs["t"], inputs["cap_feats"], return_dict=False)[0]))
-
-
 QWEN = Arch(
     "qwen_image",
     _qwen,
     _qwen_inputs,
-    _qwen_run,
+    run_qwen,
     "tsumugi.networks.lora_qwen_image",
     "transformer_blocks",
     N_BLOCKS - 1,
 )
 ZIMAGE = Arch(
-    "zimage", _zimage, _zimage_inputs, _zimage_run, "tsumugi.networks.lora_zimage", "layers", N_BLOCKS - 2
+    "zimage", _zimage, _zimage_inputs, run_zimage, "tsumugi.networks.lora_zimage", "layers", N_BLOCKS - 2
 )
 ARCHS = [QWEN, ZIMAGE]
 
 
 def _setup(arch: Arch, gc_on: bool):
-    """A frozen tiny DiT with an applied LoRA network whose up weights are non-zero."""
-    import importlib
-
-    dit = arch.make()
-    dit.requires_grad_(False)
-    if gc_on:
-        dit.enable_gradient_checkpointing()
-    network = importlib.import_module(arch.network_module).create_network(dit, 4, 2.0, None, None)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in network.modules_list():
-            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g) * 0.05)
-    network.apply_to()
+    dit, network, _ = lora_dit(arch.make, arch.network_module,
+                               (lambda d: d.enable_gradient_checkpointing()) if gc_on else None)
     return dit, network
 
 
 def _step(arch: Arch, dit: torch.nn.Module, network) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward + backward; returns the output and the LoRA gradients."""
-    network.zero_grad(set_to_none=True)
-    out = arch.run(dit, arch.inputs())
-    weight = torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape)
-    (out * weight).sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in network.named_parameters() if p.grad is not None}
+    return forward_backward(arch.run, arch.inputs(), dit, network)
 
 
 _REFERENCE: dict[tuple[str, bool], tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]] = {}

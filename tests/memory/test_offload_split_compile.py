@@ -8,13 +8,13 @@ CPU machine but takes ~30 s per tiny model to generate C++ code, too slow for th
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
+from dit_cases import forward_backward, lora_dit, make_qwen, make_zimage, run_qwen, run_zimage
 
 from tsumugi.memory.activation_offload import enable_checkpointing_with_cpu_offload
 from tsumugi.memory.block_swap import attach_block_swap
@@ -24,7 +24,6 @@ from tsumugi.memory.split_attention import (
     ZImageSplitAttnProcessor,
     apply_split_attention,
 )
-from tsumugi.testing.tiny_configs import tiny_qwen_image_dit_config, tiny_zimage_dit_config
 
 N_BLOCKS = 3
 
@@ -40,10 +39,7 @@ class Arch:
 
 
 def _qwen() -> torch.nn.Module:
-    from diffusers import QwenImageTransformer2DModel
-
-    torch.manual_seed(0)
-    return QwenImageTransformer2DModel(**tiny_qwen_image_dit_config(num_layers=N_BLOCKS))
+    return make_qwen(N_BLOCKS)
 
 
 def _qwen_inputs() -> dict[str, Any]:
@@ -58,15 +54,8 @@ def _qwen_inputs() -> dict[str, Any]:
     }
 
 
-def _qwen_run(dit: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    return dit(**inputs, return_dict=False)[0]
-
-
 def _zimage() -> torch.nn.Module:
-    from diffusers import ZImageTransformer2DModel
-
-    torch.manual_seed(0)
-    return ZImageTransformer2DModel(**tiny_zimage_dit_config(n_layers=N_BLOCKS))
+    return make_zimage(N_BLOCKS)
 
 
 def _zimage_inputs() -> dict[str, Any]:
@@ -79,35 +68,17 @@ def _zimage_inputs() -> dict[str, Any]:
     }
 
 
-def _zimage_run(dit: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    return torch.stack(list(dit(inputs["x"], inputs["t"], inputs["cap_feats"], return_dict=False)[0]))
-
-
-QWEN = Arch("qwen_image", _qwen, _qwen_inputs, _qwen_run, "tsumugi.networks.lora_qwen_image", QwenSplitAttnProcessor)
-ZIMAGE = Arch("zimage", _zimage, _zimage_inputs, _zimage_run, "tsumugi.networks.lora_zimage", ZImageSplitAttnProcessor)
+QWEN = Arch("qwen_image", _qwen, _qwen_inputs, run_qwen, "tsumugi.networks.lora_qwen_image", QwenSplitAttnProcessor)
+ZIMAGE = Arch("zimage", _zimage, _zimage_inputs, run_zimage, "tsumugi.networks.lora_zimage", ZImageSplitAttnProcessor)
 ARCHS = [QWEN, ZIMAGE]
 
 
 def _setup(arch: Arch, prepare: Callable[[torch.nn.Module], Any] | None = None):
-    """A frozen tiny DiT (``prepare`` applied before the LoRA, as in training) with non-zero LoRA up weights."""
-    dit = arch.make()
-    dit.requires_grad_(False)
-    extra = prepare(dit) if prepare is not None else None
-    network = importlib.import_module(arch.network_module).create_network(dit, 4, 2.0, None, None)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in network.modules_list():
-            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g) * 0.05)
-    network.apply_to()
-    return dit, network, extra
+    return lora_dit(arch.make, arch.network_module, prepare)
 
 
 def _step(arch: Arch, dit: torch.nn.Module, network) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    network.zero_grad(set_to_none=True)
-    out = arch.run(dit, arch.inputs())
-    weight = torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape)
-    (out * weight).sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in network.named_parameters() if p.grad is not None}
+    return forward_backward(arch.run, arch.inputs(), dit, network)
 
 
 _REF: dict[tuple[str, bool], tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
