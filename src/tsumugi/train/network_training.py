@@ -48,11 +48,13 @@ def import_network_module(name: str):
 class CheckpointHooks:
     """Saving, sampling and logging at step and epoch boundaries."""
 
-    def __init__(self, *, arch, args, accelerator, network, dit, datasets, data, optimizer_info, model_version,
-                 sampler) -> None:
+    def __init__(self, *, arch, args, accelerator, network, dit, datasets, data, optimizer, optimizer_info,
+                 model_version, max_steps, sampler, swapper, histograms) -> None:
         self.arch, self.args, self.acc, self.network, self.dit = arch, args, accelerator, network, dit
         self.datasets, self.data, self.optimizer_info, self.model_version = datasets, data, optimizer_info, model_version
-        self.sampler = sampler
+        self.optimizer, self.max_steps = optimizer, max_steps
+        self.sampler, self.swapper, self.histograms = sampler, swapper, histograms
+        self.epoch_first_step = 0
         self.session_id = random.SystemRandom().randint(0, 2**31)
         self.started = time.time()
         self.output = Path(args.output_dir)
@@ -104,7 +106,7 @@ class CheckpointHooks:
         self.losses.append(loss)
         self.step_ends.append(time.perf_counter())
         logs = {"loss/current": loss, "loss/average": average}
-        for i, group in enumerate(self.network_optimizer.param_groups):
+        for i, group in enumerate(self.optimizer.param_groups):
             logs["lr/" + group.get("name", f"group{i}")] = group["lr"]
         self.acc.log(logs, step=step)
         if self.histograms is not None:
@@ -131,7 +133,9 @@ class CheckpointHooks:
 
     def on_epoch_end(self, progress: TrainProgress) -> None:
         args, epoch, name = self.args, progress.epoch, self.args.output_name
-        self.acc.log({"loss/epoch": self.loop_average()}, step=progress.global_step)
+        epoch_losses = self.losses[self.epoch_first_step:] or [float("nan")]
+        self.epoch_first_step = len(self.losses)
+        self.acc.log({"loss/epoch": sum(epoch_losses) / len(epoch_losses)}, step=progress.global_step)
         if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and progress.global_step < self.max_steps:
             self.save_lora(f"{name}-{epoch:06d}", progress)
             if args.save_state:
@@ -308,16 +312,12 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
 
         sampler = TrainingSampler(arch, args, accelerator.device, dtype, accelerator.is_main_process)
     hooks = CheckpointHooks(arch=arch, args=args, accelerator=accelerator, network=network, dit=dit,
-                            datasets=datasets, data=data, optimizer_info=info, model_version=model_version,
-                            sampler=sampler)
-    hooks.network_optimizer = optimizer
-    hooks.swapper = swapper
-    hooks.max_steps = max_steps
-    hooks.histograms = _histogram_writer(accelerator) if log_with else None
+                            datasets=datasets, data=data, optimizer=optimizer, optimizer_info=info,
+                            model_version=model_version, max_steps=max_steps, sampler=sampler, swapper=swapper,
+                            histograms=_histogram_writer(accelerator) if log_with else None)
     loop = TrainingLoop(arch=arch, dit=dit, network=network, data=data, optimizer=optimizer,
                         lr_scheduler=lr_scheduler, accelerator=accelerator, args=args, progress=progress,
                         max_steps=max_steps, hooks=hooks)
-    hooks.loop_average = lambda: sum(loop.recent) / max(1, len(loop.recent))
     if args.sample_at_first and progress.global_step == 0:
         hooks.sample("000000")
     loop.run()
