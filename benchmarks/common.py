@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import resource
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from tsumugi.models.components import instantiate
 from tsumugi.models.configs import released_config
 from tsumugi.testing.tiny_models import tiny_config
 
@@ -56,3 +59,42 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def random_dit_inplace(component: str, config: dict[str, Any], dtype: torch.dtype, device: torch.device,
+                       draw_device: torch.device) -> torch.nn.Module:
+    """The DiT with random weights in ``dtype`` on ``device``, drawn tensor by tensor on ``draw_device`` (the
+    GPU where there is one, also when block swap keeps the model in host memory): no fp32 copy of the model.
+
+    Same scales as ``tsumugi.testing.tiny_models`` (weights N(0, 1/fan_in), norms 1 + N(0, 0.02), the rest
+    N(0, 0.02)) so activations keep their scale through the blocks.
+    """
+    model = instantiate(component, config, empty=True)
+    generator = torch.Generator(draw_device).manual_seed(0)
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for name, param in list(module.named_parameters(recurse=False)):
+            value = torch.randn(param.shape, generator=generator, device=draw_device, dtype=torch.float32)
+            if is_norm and name in ("weight", "gamma"):
+                value = value.mul_(0.02).add_(1.0)
+            elif param.ndim >= 2 and name == "weight":
+                value = value.div_(math.sqrt(max(math.prod(param.shape[1:]), 1)))
+            else:
+                value = value.mul_(0.02)
+            module._parameters[name] = torch.nn.Parameter(value.to(device, dtype), requires_grad=False)
+    return model.to(device).eval()  # the real buffers built on CPU (RoPE tables)
+
+
+def write_random_dit_file(component: str, config: dict[str, Any], path: Path) -> Path:
+    """A random bf16 DiT as a ComfyUI single file, built tensor by tensor and streamed to disk.
+
+    For the released sizes: never an fp32 copy (Qwen-Image would be 82 GB), at most the bf16 model in host
+    memory while it is written (41 GB), and a 41 GB file.
+    """
+    from tsumugi.models.dit_checkpoint import save_dit_checkpoint
+
+    draw = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = random_dit_inplace(component, config, torch.bfloat16, torch.device("cpu"), draw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_dit_checkpoint(model, path, dtype=torch.bfloat16)

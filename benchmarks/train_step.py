@@ -20,7 +20,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import describe_device, dit_config, markdown_table, peak_device_gib, peak_host_gib, text_width  # noqa: E402
+from common import (  # noqa: E402
+    describe_device,
+    dit_config,
+    markdown_table,
+    peak_device_gib,
+    peak_host_gib,
+    text_width,
+    write_random_dit_file,
+)
 
 from tsumugi.caching.cache_files import latent_key, varlen_key, write_cache_file  # noqa: E402
 from tsumugi.caching.fingerprint import file_fingerprint  # noqa: E402
@@ -32,6 +40,7 @@ from tsumugi.data.batching import batch_key, selector_for  # noqa: E402
 from tsumugi.data.config import load_dataset_config  # noqa: E402
 from tsumugi.testing.tiny_dataset import write_tiny_dataset  # noqa: E402
 from tsumugi.testing.tiny_models import build_random, save_component  # noqa: E402
+from tsumugi.train.full_training import train_full  # noqa: E402
 from tsumugi.train.network_training import train_network  # noqa: E402
 
 ARCH = {"qwen_image": ("qwen_image_dit", "qi", "vl_embed", (16, 1)), "zimage": ("zimage_dit", "zi", "llm_embed", (16,))}
@@ -57,8 +66,9 @@ KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
 def estimate_mfu(args, component: str, config: dict, params: int | None, seconds: float) -> float | None:
-    """Model FLOPs utilisation, approximated as (2 forward + 2 input-gradient [+ 2 recompute]) x params x tokens
-    per step (frozen base weights: no weight gradients; attention score FLOPs left out)."""
+    """Model FLOPs utilisation, approximated as (2 forward + 2 input-gradient [+ 2 weight-gradient with --full]
+    [+ 2 recompute]) x params x tokens per step (LoRA: frozen base weights, no weight gradients; attention
+    score FLOPs left out)."""
     peak = args.peak_tflops
     if peak is None and torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
@@ -70,7 +80,7 @@ def estimate_mfu(args, component: str, config: dict, params: int | None, seconds
 
         params = sum(t.numel() for t in instantiate(component, config, empty=True).parameters())
     tokens = (args.resolution // 16) ** 2 * args.batch_size + 77 * args.batch_size
-    passes = 6 if args.gradient_checkpointing else 4
+    passes = 4 + (2 if args.gradient_checkpointing else 0) + (2 if args.full else 0)
     return passes * params * tokens / seconds / (peak * 1e12)
 
 
@@ -85,6 +95,7 @@ def main() -> int:
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--network_dim", type=int, default=16)
+    parser.add_argument("--full", action="store_true", help="full fine-tuning (*_train) instead of LoRA training")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more training flags")
     parser.add_argument("--workdir", default="/tmp/tsumugi_bench")
     parser.add_argument("--peak_tflops", type=float, default=None,
@@ -97,24 +108,30 @@ def main() -> int:
     dit_file = work / "dit.safetensors"
     if not dit_file.exists():
         work.mkdir(parents=True, exist_ok=True)
-        save_component(build_random(component, config), component, "comfy", dit_file)
+        if args.size == "release":
+            write_random_dit_file(component, config, dit_file)
+        else:
+            save_component(build_random(component, config), component, "comfy", dit_file)
     toml = write_tiny_dataset(work / f"data_{args.resolution}", 4, sizes=[(args.resolution, args.resolution)],
                               resolution=args.resolution, batch_size=args.batch_size)
     synthetic_caches(args.arch, toml, text_width(component, config))
+    network = [] if args.full else ["--network_module", f"networks.lora_{args.arch}", "--network_dim",
+                                    str(args.network_dim)]
     argv = [
-        "--dit", str(dit_file), "--dataset_config", str(toml), "--network_module", f"networks.lora_{args.arch}",
-        "--network_dim", str(args.network_dim), "--max_train_steps", str(args.steps), "--learning_rate", "1e-4",
-        "--output_dir", str(work / "out"), "--output_name", "bench", "--mixed_precision", args.mixed_precision,
-        "--seed", "0", *(["--gradient_checkpointing"] if args.gradient_checkpointing else []), *args.extra,
+        "--dit", str(dit_file), "--dataset_config", str(toml), *network, "--max_train_steps", str(args.steps),
+        "--learning_rate", "1e-4", "--output_dir", str(work / "out"), "--output_name", "bench",
+        "--mixed_precision", args.mixed_precision, "--seed", "0",
+        *(["--gradient_checkpointing"] if args.gradient_checkpointing else []), *args.extra,
     ]
-    train_args = validate_train_args(parse_train_args(build_train_parser(args.arch, network=True), argv))
-    result = train_network(args.arch, train_args)
+    parser = build_train_parser(args.arch, network=not args.full)
+    train_args = validate_train_args(parse_train_args(parser, argv))
+    result = (train_full if args.full else train_network)(args.arch, train_args)
     step = statistics.median(result.step_seconds)
     model = build_random(component, config) if args.size != "release" else None
     params = sum(t.numel() for t in model.parameters()) if model is not None else None
     mfu = estimate_mfu(args, component, config, params, step)
     row = {
-        "arch": args.arch, "size": args.size, "params": f"{params / 1e6:.1f}M" if params else "release",
+        "arch": args.arch, "training": "full" if args.full else "LoRA", "size": args.size, "params": f"{params / 1e6:.1f}M" if params else "release",
         "resolution": args.resolution, "batch": args.batch_size, "precision": args.mixed_precision,
         "grad ckpt": args.gradient_checkpointing, "s/step": f"{step:.3f}",
         "peak host GiB": f"{peak_host_gib():.2f}",

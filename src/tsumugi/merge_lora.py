@@ -106,8 +106,9 @@ def merge_to_file(
     from tsumugi.models.configs import CONFIG_METADATA_KEY, config_from_metadata, config_to_metadata
     from tsumugi.models.converters import converter
     from tsumugi.models.detect import detect
+    from tsumugi.models.dit_checkpoint import comfy_lazy_tensors
     from tsumugi.models.loader import load_dit, load_info
-    from tsumugi.models.safetensors_io import FLOAT8_DTYPES, SafetensorsSource, save_file_atomic
+    from tsumugi.models.safetensors_io import FLOAT8_DTYPES, LazyTensor, SafetensorsSource, save_file_streamed
     from tsumugi.networks.lora_convert import detect_architecture, module_names
     from tsumugi.networks.lora_files import read_lora_file
     from tsumugi.networks.lora_merge import merge_lora_modules
@@ -174,22 +175,9 @@ def merge_to_file(
             logger.info("merged %s (x%.3g): %d weights", path, multiplier, count)
     lora_modules.clear()
 
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    del model
+    # Streamed: the file is written one (converted) tensor at a time, never a full converted copy.
+    tensors: dict[str, LazyTensor] = comfy_lazy_tensors(model, kind=kind, config=config)
     conv = converter(kind)
-    tensors = conv.from_diffusers(state, config)
-    del state
-    with SafetensorsSource(files) as source:
-        if layout != "diffusers":
-            # Tensors of the file that the library model has no place for (Z-Image's unused norm_final).
-            for key, file_key in det.keymap.items():
-                if not conv.to_diffusers({key: torch.empty(3, 1, device="meta")}):
-                    tensors[key] = source.get(file_key, save_dtype)
-        if prefix:
-            tensors = {prefix + k: v for k, v in tensors.items()}
-        for key in extra_keys:  # other components of an all-in-one file, the Edit-2511 marker
-            tensors[key] = source.get(key)
-
     metadata = dict(source_metadata)
     if config_from_metadata(metadata, kind) is None:
         metadata[f"{CONFIG_METADATA_KEY}.{kind}"] = config_to_metadata(config)[CONFIG_METADATA_KEY]
@@ -197,7 +185,17 @@ def merge_to_file(
         metadata["tsumugi.merged_loras"] = json.dumps(
             [{"file": p.name, "multiplier": m} for p, m in zip(loras, multipliers)]
         )
-    save_file_atomic(tensors, output, metadata)
+    with SafetensorsSource(files) as source:
+        if layout != "diffusers":
+            # Tensors of the file that the library model has no place for (Z-Image's unused norm_final).
+            for key, file_key in det.keymap.items():
+                if not conv.to_diffusers({key: torch.empty(3, 1, device="meta")}):
+                    tensors[key] = source.lazy(file_key, save_dtype)
+        if prefix:
+            tensors = {prefix + k: v for k, v in tensors.items()}
+        for key in extra_keys:  # other components of an all-in-one file, the Edit-2511 marker
+            tensors[key] = source.lazy(key)
+        save_file_streamed(tensors, output, metadata)
     logger.info("wrote %s (%s, %s, %d tensors)", output, KINDS[kind].display, str(save_dtype).removeprefix("torch."),
                 len(tensors))
     return output

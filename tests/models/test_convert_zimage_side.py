@@ -46,12 +46,14 @@ def test_zimage_dit_round_trip_is_exact_and_renames_without_copy():
     back = convert_zimage_dit.to_diffusers(original)
     _assert_same(back, sd)
     assert len(original) == len(sd) - 2 * (2 + 1 + 1)  # 4 attention blocks: q, k, v -> qkv
-    # Renamed tensors are the very same objects; split q/k/v are views of the fused weight.
+    # Renamed tensors are the very same objects; split q/k/v are copies: views of the fused weight would share
+    # one autograd version counter, and full fine-tuning updates each of them in place in the backward.
     assert original["x_embedder.weight"] is sd["all_x_embedder.2-1.weight"]
     assert original["layers.1.attention.out.weight"] is sd["layers.1.attention.to_out.0.weight"]
     assert back["all_final_layer.2-1.linear.weight"] is sd["all_final_layer.2-1.linear.weight"]
     qkv = original["layers.0.attention.qkv.weight"]
-    assert _shares_storage(back["layers.0.attention.to_k.weight"], qkv)
+    assert not _shares_storage(back["layers.0.attention.to_k.weight"], qkv)
+    assert not _shares_storage(back["layers.0.attention.to_k.weight"], back["layers.0.attention.to_q.weight"])
     # Inputs are left alone.
     assert "layers.0.attention.to_q.weight" in sd and "layers.0.attention.qkv.weight" in original
 

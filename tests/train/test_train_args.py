@@ -85,7 +85,8 @@ def test_flag_sets_per_script():
     z_full = vars(_parse("zimage", False))
     assert "network_module" not in qwen_full and "lora_format" not in z_full
     assert "full_bf16" not in qwen_lora and "mem_eff_save" not in z_lora
-    assert "block_swap_optimizer_patch_params" in z_full and "block_swap_optimizer_patch_params" not in qwen_full
+    assert "block_swap_optimizer_patch_params" in z_full and "block_swap_optimizer_patch_params" in qwen_full
+    assert "block_swap_optimizer_patch_params" not in z_lora
     assert "use_32bit_attention" not in qwen_lora and "model_version" not in z_lora
     assert build_train_parser("zimage", network=False).prog == "zimage_train"
     assert build_train_parser("qwen_image", network=True).prog == "qwen_image_train_network"
@@ -237,8 +238,8 @@ def test_config_file_missing_and_duplicate_keys(tmp_path, caplog):
     ("zimage", True, ["--network_weights", "/no/such.safetensors"], ["--network_weights"]),
     ("zimage", True, ["--base_weights", "a", "b", "--base_weights_multiplier", "1"],
      ["--base_weights_multiplier", "--base_weights"]),
-    ("zimage", False, ["--fused_backward_pass", "--optimizer_type", "adafactor", "--gradient_accumulation_steps", "2"],
-     ["--fused_backward_pass", "--gradient_accumulation_steps"]),
+    ("zimage", False, ["--fused_backward_pass", "--optimizer_type", "adafactor", "--mixed_precision", "fp16"],
+     ["--fused_backward_pass", "--mixed_precision fp16", "bf16"]),
     ("qwen_image", False, ["--fused_backward_pass"], ["--fused_backward_pass", "--optimizer_type"]),
     ("qwen_image", True, ["--remove_first_image_from_target"],
      ["--remove_first_image_from_target", "--model_version layered"]),
@@ -339,5 +340,9 @@ def test_resolved_values(tmp_path, caplog):
     assert args.blocks_to_swap == 28
     _validate("zimage", False, "--fused_backward_pass", "--optimizer_type", "AdaFactor", "--full_bf16",
               "--mixed_precision", "bf16", "--block_swap_optimizer_patch_params")
+    # unlike Musubi, the fused backward pass accumulates gradients
+    args = _validate("qwen_image", False, "--fused_backward_pass", "--optimizer_type", "adafactor",
+                     "--gradient_accumulation_steps", "4")
+    assert args.gradient_accumulation_steps == 4
     # warmup with a scheduler given by class is not checked against --lr_scheduler
     _validate("zimage", True, "--lr_warmup_steps", "5", "--lr_scheduler_type", "StepLR")

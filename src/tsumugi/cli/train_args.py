@@ -230,7 +230,7 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
     _flag(g, "--save_state", "also save the training state (optimizer, scheduler, RNG) with each checkpoint")
     _flag(g, "--save_state_on_train_end", "save the training state at the end")
     if not network:
-        _flag(g, "--mem_eff_save", "stream checkpoints to disk (not used for --save_state)")
+        _flag(g, "--mem_eff_save", "accepted for compatibility: checkpoints are always streamed to disk")
 
     g = parser.add_argument_group("logging")
     _add(g, "--logging_dir", type=str, default=None, help="TensorBoard log folder (enables logging)")
@@ -272,10 +272,10 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
     _flag(g, "--img_in_txt_in_offloading", "HunyuanVideo only; no effect here")
     if not network:
         _flag(g, "--full_bf16", "weights and gradients in bfloat16; needs --mixed_precision bf16")
-        _flag(g, "--fused_backward_pass", "Adafactor step inside the backward pass (no gradient accumulation)")
-        if not qwen:
-            _flag(g, "--block_swap_optimizer_patch_params",
-                  "move gradients to their parameter's device before optimizer.step (block swap)")
+        _flag(g, "--fused_backward_pass", "Adafactor step inside the backward pass, per parameter (works with "
+              "gradient accumulation)")
+        _flag(g, "--block_swap_optimizer_patch_params", "accepted for compatibility: with block swap, gradients "
+              "always move to their parameter's device before the optimizer step")
     for name, kwargs in COMPILE_FLAGS:
         _add(g, name, **kwargs)
     _flag(g, "--cuda_allow_tf32", "allow TF32 matmuls")
@@ -453,17 +453,17 @@ def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | N
         if not 0 <= args.blocks_to_swap <= limit:
             raise UserError(f"--blocks_to_swap: {args.blocks_to_swap} is out of range; expected 0..{limit}")
     if not network:
-        if args.fused_backward_pass and args.gradient_accumulation_steps > 1:
-            raise UserError(
-                "--fused_backward_pass cannot be combined with --gradient_accumulation_steps > 1 "
-                "(the optimizer steps inside every backward pass)"
-            )
+        if args.fused_backward_pass and mixed == "fp16":
+            raise UserError("--fused_backward_pass cannot be combined with --mixed_precision fp16 (the loss "
+                            "scaler would have to unscale gradients that are consumed inside the backward); "
+                            "use --mixed_precision bf16")
         if args.fused_backward_pass and (args.optimizer_type or "").lower() not in ("adafactor",
                                                                                     "transformers.optimization.adafactor"):
             raise UserError(f"--fused_backward_pass works with --optimizer_type AdaFactor only, "
                             f"not --optimizer_type {args.optimizer_type or 'AdamW'}")
-        if getattr(args, "block_swap_optimizer_patch_params", False) and args.fused_backward_pass:
-            logger.warning("--block_swap_optimizer_patch_params is not needed with --fused_backward_pass")
+        if getattr(args, "block_swap_optimizer_patch_params", False):
+            logger.info("--block_swap_optimizer_patch_params: tsumugi always moves gradients to their "
+                        "parameter's device before the optimizer step; the flag changes nothing")
 
     # attention and compile
     resolve_attention(args)

@@ -109,8 +109,11 @@ def to_diffusers(sd: Mapping[str, torch.Tensor], config: dict | None = None) -> 
         if _QKV in key:
             block, _, end = key.partition(_QKV)
             sizes = _qkv_sizes(sd, block, int(value.shape[0]), config)
+            # clones, not views: views of one qkv tensor share its autograd version counter, so an in-place
+            # update of to_q (the fused backward pass steps each weight as soon as its gradient is ready)
+            # would invalidate to_k/to_v tensors saved for the backward
             for part, tensor in zip(_SPLIT, torch.split(value, list(sizes), dim=0)):
-                out[block + part + end] = tensor
+                out[block + part + end] = tensor.clone()
             continue
         new = key
         if key.startswith(_ORIG_X_EMBEDDER):

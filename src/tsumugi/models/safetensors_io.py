@@ -8,6 +8,11 @@ so a load never holds the file's bytes and a second converted copy at the same t
 We parse the header ourselves (8-byte little-endian length + JSON) to check a file before handing it to
 safetensors: a truncated download or a non-safetensors file becomes a :class:`UserError` naming the
 file instead of a Rust panic message.
+
+Writing: :func:`save_file_atomic` hands a dict of tensors to the safetensors library;
+:func:`save_file_streamed` writes the same bytes from :class:`LazyTensor` entries (dtype + shape known up
+front, data produced one tensor at a time), so a large model can be written, cast or re-laid-out on the
+way, without holding a second copy of it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,6 +223,15 @@ class SafetensorsSource:
             tensor = tensor.to(device=device, dtype=target)
         return tensor
 
+    def lazy(self, key: str, dtype: torch.dtype | None = None) -> LazyTensor:
+        """``key`` as a :class:`LazyTensor` for :func:`save_file_streamed` (read, and cast like :meth:`get`,
+        when written)."""
+        info = self._infos[key]
+        if info.dtype is None:
+            raise UserError(f"{info.file}: tensor {key!r} has dtype {info.dtype_name}, which torch cannot load")
+        target = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+        return LazyTensor(target, info.shape, lambda: self.get(key, dtype))
+
     def iter_tensors(
         self, keys: Iterable[str] | None = None, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
     ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -312,6 +327,152 @@ def save_file_atomic(
     tmp = temp_path_for(path)
     try:
         save_file(_prepare_for_save(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
+        replace_atomic(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---- streamed writing ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor to write, announced by dtype and shape; ``produce()`` makes it when its turn comes.
+
+    ``produce`` may return the tensor on any device; it must have exactly ``dtype`` and ``shape``.
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor]
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> LazyTensor:
+        """``tensor`` (a reference, no copy), cast to ``dtype`` when produced if it is floating-point."""
+        target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        if tensor.dtype == target:
+            return cls(target, tuple(tensor.shape), lambda: tensor)
+        return cls(target, tuple(tensor.shape), lambda: tensor.to(device="cpu", dtype=target))
+
+
+# safetensors dtype names in the order of the library's ``Dtype`` enum (safetensors 0.8, verified by
+# experiment for every dtype ``safetensors.torch`` can save): the library writes tensors by this rank
+# descending, then by key. F4/F6/F8_E8M0 places are from the enum declaration (torch cannot save them
+# through the library, so there is nothing to be byte-identical with).
+_DTYPE_ORDER = (
+    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ",
+    "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
+)
+_DTYPE_RANK = {name: i for i, name in enumerate(_DTYPE_ORDER)}
+_WRITE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _DTYPES.items()}
+for _name, _attr in (("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("C64", "complex64")):
+    if hasattr(torch, _attr):
+        _WRITE_NAMES[getattr(torch, _attr)] = _name
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _WRITE_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"safetensors has no dtype for {dtype}") from None
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    numel = 1
+    for s in shape:
+        numel *= s
+    return numel * torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def _as_lazy(key: str, value: LazyTensor | torch.Tensor) -> LazyTensor:
+    if isinstance(value, LazyTensor):
+        return LazyTensor(value.dtype, tuple(int(s) for s in value.shape), value.produce)
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            raise ValueError(f"tensor {key!r} is on the meta device: it has no data to write")
+        return LazyTensor.of(value)
+    raise TypeError(f"{key!r}: expected a torch.Tensor or a LazyTensor, got {type(value).__name__}")
+
+
+def streamed_header(
+    specs: Mapping[str, LazyTensor], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, list[str]]:
+    """The header bytes (length prefix included) and the data order of a file holding ``specs``.
+
+    Layout as ``safetensors.torch.save_file`` writes it: tensors sorted by dtype rank (descending) then
+    key, packed without gaps; compact JSON (``__metadata__`` first) padded with spaces to a multiple of 8.
+    """
+    if "__metadata__" in specs:
+        raise ValueError("'__metadata__' cannot be a tensor name")
+    names = {key: _dtype_name(spec.dtype) for key, spec in specs.items()}
+    order = sorted(specs, key=lambda k: (-_DTYPE_RANK.get(names[k], -1), k))
+    header: dict[str, object] = {}
+    if metadata is not None:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"metadata must map str to str, got {k!r}: {v!r}")
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for key in order:
+        spec = specs[key]
+        end = offset + _nbytes(spec.dtype, spec.shape)
+        header[key] = {"dtype": names[key], "shape": list(spec.shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, order
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The little-endian bytes of a contiguous CPU tensor (no copy on little-endian machines)."""
+    flat = tensor.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    data = flat.view(torch.uint8).numpy()
+    if sys.byteorder == "big" and tensor.element_size() > 1:
+        data = data.reshape(-1, tensor.element_size())[:, ::-1].copy()
+    return memoryview(data).cast("B")
+
+
+def save_file_streamed(
+    tensors: Mapping[str, LazyTensor | torch.Tensor],
+    path: str | Path,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a safetensors file producing one tensor at a time; atomic like :func:`save_file_atomic`.
+
+    ``tensors`` maps keys to :class:`LazyTensor` entries (or plain tensors). The header is computed from
+    the announced dtypes and shapes; then each entry is produced in file order, checked against its
+    announcement (ValueError naming the key otherwise), moved to the CPU, written and dropped. The
+    output is byte-identical to ``safetensors.torch.save_file`` of the same tensors and metadata (up to
+    the order of the metadata entries, which the library takes from a hash map).
+    """
+    specs = {key: _as_lazy(key, value) for key, value in tensors.items()}
+    header, order = streamed_header(specs, metadata)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for key in order:
+                spec = specs[key]
+                tensor = spec.produce()
+                if not isinstance(tensor, torch.Tensor):
+                    raise TypeError(f"{key!r}: the producer returned {type(tensor).__name__}, not a tensor")
+                if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                    raise ValueError(
+                        f"{key!r}: the producer returned {tensor.dtype} {tuple(tensor.shape)}, the header "
+                        f"announced {spec.dtype} {spec.shape}"
+                    )
+                if tensor.device.type == "meta":
+                    raise ValueError(f"{key!r}: the producer returned a meta tensor (no data)")
+                tensor = tensor.detach().to("cpu").contiguous()
+                f.write(_tensor_bytes(tensor))
+                del tensor
+            expected = len(header) + sum(_nbytes(s.dtype, s.shape) for s in specs.values())
+            if f.tell() != expected:
+                raise RuntimeError(f"{tmp}: wrote {f.tell()} bytes, the header describes {expected}")
         replace_atomic(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

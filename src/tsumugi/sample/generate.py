@@ -328,6 +328,32 @@ def _latent_metadata(job: GenerationJob) -> dict[str, str]:
     }
 
 
+def apply_generation_memory_options(dit: torch.nn.Module, arch_name: str, args: argparse.Namespace,
+                                    device: torch.device):
+    """fp8 weights, the attention backend, compiled blocks and block swap, in that order, from the generate
+    flags; returns the block swapper or ``None``. With block swap ``dit`` must still be on the CPU."""
+    if args.fp8 or args.fp8_scaled:
+        from tsumugi.memory.fp8_dit import quantize_dit_fp8
+
+        quantize_dit_fp8(dit, arch_name, scaled=args.fp8_scaled)
+    apply_attention_mode(dit, args.attn_mode)
+    swap = bool(args.blocks_to_swap)
+    if args.compile:
+        from tsumugi.memory.compile_blocks import compile_blocks
+
+        compile_blocks(dit, arch_name, backend=args.compile_backend, mode=args.compile_mode,
+                       dynamic=args.compile_dynamic, fullgraph=args.compile_fullgraph,
+                       cache_size_limit=args.compile_cache_size_limit, eager_linears=swap)
+    if not swap:
+        return None
+    from tsumugi.memory.block_swap import attach_block_swap
+
+    swapper = attach_block_swap(dit, args.blocks_to_swap, device, arch_name, mode="forward",
+                                pinned=args.use_pinned_memory_for_block_swap, h2d_only=True)
+    logger.info("block swap: %d of %d blocks streamed from CPU memory", args.blocks_to_swap, len(swapper.blocks))
+    return swapper
+
+
 def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     """Run the whole pipeline for ``args``; returns the files written."""
     _validate(arch, args)
@@ -347,23 +373,7 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
         logger.warning("the DiT carries the Edit-2511 marker (zero_cond_t) but --model_version is %s", version)
     if args.lora_weight:
         merge_lora_files(dit, args.lora_weight, args.lora_multiplier, args.include_patterns, args.exclude_patterns)
-    if args.fp8 or args.fp8_scaled:
-        from tsumugi.memory.fp8_dit import quantize_dit_fp8
-
-        quantize_dit_fp8(dit, arch.name, scaled=args.fp8_scaled)
-    apply_attention_mode(dit, args.attn_mode)
-    if args.compile:
-        from tsumugi.memory.compile_blocks import compile_blocks
-
-        compile_blocks(dit, arch.name, backend=args.compile_backend, mode=args.compile_mode,
-                       dynamic=args.compile_dynamic, fullgraph=args.compile_fullgraph,
-                       cache_size_limit=args.compile_cache_size_limit, eager_linears=swap)
-    if swap:
-        from tsumugi.memory.block_swap import attach_block_swap
-
-        swapper = attach_block_swap(dit, args.blocks_to_swap, device, arch.name, mode="forward",
-                                    pinned=args.use_pinned_memory_for_block_swap, h2d_only=True)
-        logger.info("block swap: %d of %d blocks streamed from CPU memory", args.blocks_to_swap, len(swapper.blocks))
+    apply_generation_memory_options(dit, arch.name, args, device)
     results = []
     for job, encoded in zip(jobs, controls):
         generator = torch.Generator("cpu").manual_seed(job.seed)

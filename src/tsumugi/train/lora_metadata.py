@@ -1,4 +1,6 @@
-"""The ``ss_*`` and ``modelspec.*`` metadata written with trained LoRA files (spec lora_format.md 6)."""
+"""The ``ss_*`` and ``modelspec.*`` metadata written with trained LoRA files and full fine-tunes
+(spec lora_format.md 6). A full fine-tune gets the same set minus the network keys, and its
+``modelspec.architecture`` has no ``/lora`` suffix."""
 
 from __future__ import annotations
 
@@ -49,19 +51,18 @@ def lora_metadata(
     epoch: int,
     num_batches_per_epoch: int,
     optimizer_name: str,
+    network: bool = True,
 ) -> dict[str, str]:
     """String metadata; with ``--no_metadata`` only the minimum set plus modelspec."""
     base = "z_image" if arch_name == "zimage" else BASE_MODEL_VERSION[model_version]
     title = "Z-Image" if arch_name == "zimage" else ARCHITECTURE_TITLE[model_version]
-    meta: dict[str, Any] = {
-        "ss_base_model_version": base,
-        "ss_network_module": args.network_module,
-        "ss_network_dim": args.network_dim,
-        "ss_network_alpha": args.network_alpha,
-    }
-    if args.network_args:
+    meta: dict[str, Any] = {"ss_base_model_version": base}
+    if network:
+        meta.update(ss_network_module=args.network_module, ss_network_dim=args.network_dim,
+                    ss_network_alpha=args.network_alpha)
+    if network and args.network_args:
         meta["ss_network_args"] = json.dumps(dict(a.split("=", 1) for a in args.network_args))
-    if not args.no_metadata:
+    if not getattr(args, "no_metadata", False):
         meta.update(
             ss_session_id=session_id,
             ss_training_started_at=started_at,
@@ -79,10 +80,11 @@ def lora_metadata(
             ss_epoch=epoch,
             ss_gradient_checkpointing=args.gradient_checkpointing,
             ss_gradient_accumulation_steps=args.gradient_accumulation_steps,
-            ss_network_dropout=args.network_dropout,
+            ss_network_dropout=getattr(args, "network_dropout", None),
+            ss_full_bf16=getattr(args, "full_bf16", None),
             ss_mixed_precision=args.mixed_precision,
             ss_seed=args.seed,
-            ss_training_comment=args.training_comment,
+            ss_training_comment=getattr(args, "training_comment", None),
             ss_optimizer=optimizer_name,
             ss_fp8_base=getattr(args, "fp8_base", False),
             ss_timestep_sampling=args.timestep_sampling,
@@ -100,7 +102,7 @@ def lora_metadata(
     resolution = args.metadata_reso or ("1328x1328" if base == "qwen_image" else "1024x1024")
     meta.update({
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{arch_title}/lora",
+        "modelspec.architecture": f"{arch_title}/lora" if network else arch_title,
         "modelspec.implementation": IMPLEMENTATION[arch_name],
         "modelspec.title": args.metadata_title or args.output_name,
         "modelspec.resolution": str(resolution).replace(",", "x"),

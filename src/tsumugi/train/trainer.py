@@ -1,4 +1,4 @@
-"""The flow-matching LoRA trainer shared by both families (full finetuning will reuse the loop).
+"""The flow-matching trainer shared by both families, for LoRA training and full fine-tuning.
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches taken in order from the epoch
 plan. Every random draw (noise, sigma) of an item comes from a generator seeded with (seed, step, item), so
@@ -98,28 +98,50 @@ def resolve_seed(args: argparse.Namespace) -> int:
 
 
 class TrainingLoop:
-    """Runs optimizer steps and calls ``on_step``/``on_epoch`` hooks (saving, sampling, logging)."""
+    """Runs optimizer steps and calls the hooks' ``on_step``/``on_epoch_end`` (saving, sampling, logging).
 
-    def __init__(self, *, arch, dit, network, data, optimizer, lr_scheduler, accelerator, args, progress,
-                 max_steps, hooks) -> None:
-        self.arch, self.dit, self.network, self.data = arch, dit, network, data
+    ``params`` are the trainable tensors (LoRA weights or the DiT's own). ``fused``, when given, steps each
+    parameter inside the backward pass (``--fused_backward_pass``): the loop then only tells it which
+    micro-batch is the last of a step, and never calls ``optimizer.step()`` itself. ``before_step`` runs
+    after gradients are complete and clipped, right before the optimizer step; ``after_step`` right after it.
+    """
+
+    def __init__(self, *, arch, dit, params, data, optimizer, lr_scheduler, accelerator, args, progress,
+                 max_steps, hooks, fused=None, before_step=None, after_step=None) -> None:
+        self.arch, self.dit, self.data = arch, dit, data
         self.optimizer, self.lr_scheduler, self.accelerator = optimizer, lr_scheduler, accelerator
         self.args, self.progress, self.max_steps, self.hooks = args, progress, max_steps, hooks
+        self.fused, self.before_step, self.after_step = fused, before_step, after_step
         self.timesteps = TimestepConfig.from_args(args)
-        self.params = [p for p in network.parameters() if p.requires_grad]
+        self.params = [p for p in params if p.requires_grad]
         self.recent: list[float] = []
 
-    def _sync_gradients(self) -> None:
-        """Average LoRA gradients over processes (the network is not DDP-wrapped: its forward never runs)."""
+    def _sync_gradients(self, bucket_bytes: int = 64 << 20) -> None:
+        """Average gradients over processes, in buckets of at most ``bucket_bytes`` per dtype and device.
+
+        The explicit all-reduce replaces DDP: the LoRA network's own forward never runs, and a full
+        fine-tune's gradients may sit on different devices (block swap).
+        """
         if self.accelerator.num_processes == 1:
             return
-        grads = [p.grad for p in self.params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = self.accelerator.reduce(flat, reduction="mean")
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for p in self.params:
+            if p.grad is not None:
+                groups.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+        for grads in groups.values():
+            start = 0
+            while start < len(grads):
+                end, size = start, 0
+                while end < len(grads) and (end == start or size + grads[end].nbytes <= bucket_bytes):
+                    size += grads[end].nbytes
+                    end += 1
+                bucket = grads[start:end]
+                flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in bucket]), reduction="mean")
+                offset = 0
+                for g in bucket:
+                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                    offset += g.numel()
+                start = end
 
     def run(self) -> None:
         args, acc, progress = self.args, self.accelerator, self.progress
@@ -130,12 +152,14 @@ class TrainingLoop:
         share_len = self.data.batches_per_epoch() // acc.num_processes
         while progress.global_step < self.max_steps:
             total, all_sigmas, epoch_ended, seen = 0.0, [], False, Counter()
-            for _ in range(accumulation):
+            for micro in range(accumulation):
                 epoch, index, items = next(stream)
                 generators = []
                 for item in items:
                     generators.append(item_generator(progress.seed, progress.global_step, item, seen[item]))
                     seen[item] += 1
+                if self.fused is not None:
+                    self.fused.begin_micro_batch(is_last=micro == accumulation - 1)
                 loss, sigmas = micro_batch_loss(
                     self.arch, self.dit, self.data, items, generators, self.timesteps, args.weighting_scheme,
                     acc.device, acc.autocast,
@@ -149,14 +173,17 @@ class TrainingLoop:
                     progress.epoch, progress.batch_index, epoch_ended = epoch + 1, 0, True
                 else:
                     progress.epoch, progress.batch_index = epoch, index + 1
-            self._sync_gradients()
-            if args.max_grad_norm and args.max_grad_norm > 0:
-                acc.clip_grad_norm_(self.params, args.max_grad_norm)
-            self.optimizer.step()
+            if self.fused is None:
+                self._sync_gradients()
+                if args.max_grad_norm and args.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.params, args.max_grad_norm)
+                if self.before_step is not None:
+                    self.before_step()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if getattr(args, "scale_weight_norms", None):
-                self.network.apply_max_norm(args.scale_weight_norms)
+            if self.after_step is not None:
+                self.after_step()
             progress.global_step += 1
             self.recent = (self.recent + [total])[-max(1, share_len):]
             average = sum(self.recent) / len(self.recent)

@@ -1,0 +1,248 @@
+"""What LoRA training and full fine-tuning set up the same way.
+
+Each training script supplies only what differs: which tensors train, how they are saved, what the
+optimizer sees. Everything else (data and cache checks, accelerate, the DiT's memory options, the
+optimizer and scheduler, resume, trackers, sampling, the loop and the final save) is done here once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tsumugi.arch import get_architecture
+from tsumugi.arch.base import Architecture
+from tsumugi.caching.validate import check_caches
+from tsumugi.data.config import DatasetConfig, load_dataset_config
+from tsumugi.errors import UserError
+from tsumugi.train.cached_data import CachedTrainingData
+from tsumugi.train.checkpoint_hooks import CheckpointHooks
+from tsumugi.train.state import TrainProgress, load_state
+from tsumugi.train.trainer import TrainingLoop, resolve_seed, steps_per_epoch
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Flags parsed for command compatibility whose feature is not built yet: refused, never ignored.
+_NOT_YET = {
+    "num_timestep_buckets": "timestep buckets",
+    "huggingface_repo_id": "Hugging Face upload", "resume_from_huggingface": "Hugging Face resume",
+    "show_timesteps": "--show_timesteps plots", "use_32bit_attention": "32-bit attention",
+}
+
+
+def refuse_unsupported(args: argparse.Namespace) -> None:
+    """Raise a :class:`UserError` naming every given flag whose feature tsumugi does not have yet."""
+    given = [f"--{name} ({what})" for name, what in _NOT_YET.items() if getattr(args, name, None)]
+    dynamo = str(getattr(args, "dynamo_backend", "NO") or "NO").upper()
+    if dynamo != "NO":
+        given.append("--dynamo_backend (accelerate dynamo)")
+    if given:
+        raise UserError("not supported by tsumugi yet: " + ", ".join(given) + "; remove them to train")
+    if getattr(args, "cuda_allow_tf32", False):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if getattr(args, "cuda_cudnn_benchmark", False):
+        torch.backends.cudnn.benchmark = True
+
+
+@dataclass
+class TrainingRun:
+    """The parts of one training invocation that do not depend on what is trained."""
+
+    arch: Architecture
+    args: argparse.Namespace
+    model_version: str
+    datasets: list[DatasetConfig]
+    data: CachedTrainingData
+    seed: int
+    accelerator: object
+    log_with: str | None
+    session_id: int = field(default_factory=lambda: random.SystemRandom().randint(0, 2**31))
+    started: float = field(default_factory=time.time)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+@dataclass
+class TrainingResult:
+    path: Path
+    """the final weights file (LoRA or DiT checkpoint)"""
+    losses: list[float]
+    """loss of each optimizer step run by this invocation (after a resume: the steps after it)"""
+    global_step: int
+    step_seconds: list[float]
+    """wall time of each step after the first (for benchmarks)"""
+
+    @property
+    def lora_path(self) -> Path:
+        return self.path
+
+
+def start_run(arch_name: str, args: argparse.Namespace) -> TrainingRun:
+    """Check flags, datasets and caches, then create the accelerator (nothing heavy is loaded yet)."""
+    from accelerate import Accelerator
+
+    arch = get_architecture(arch_name)
+    refuse_unsupported(args)
+    model_version = getattr(args, "model_version", None) or "original"
+    if model_version == "layered":
+        raise UserError("--model_version layered: Qwen-Image-Layered training is not supported yet")
+    arch_code = arch.cache_arch_code(model_version)
+    datasets = load_dataset_config(args.dataset_config, args, architecture=arch_code)
+    cached = check_caches(datasets, arch_code, model_version, arch.name)
+    data = CachedTrainingData(datasets, cached, arch.text_cache_name)
+    seed = resolve_seed(args)
+
+    log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
+    if log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        raise UserError(f"--log_with {log_with} needs the Python package 'wandb': pip install wandb")
+    logging_dir = None
+    if args.logging_dir:
+        logging_dir = Path(args.logging_dir) / f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with,
+                              project_dir=str(logging_dir) if logging_dir else None)
+    return TrainingRun(arch, args, model_version, datasets, data, seed, accelerator, log_with)
+
+
+def load_training_dit(run: TrainingRun, dtype: torch.dtype, *, trainable: bool):
+    """The DiT with the memory options applied; returns ``(dit, swapper)``.
+
+    Frozen (LoRA training): LoRA files given as ``--base_weights`` are merged in and ``--fp8_base``
+    quantizes it. With block swap the DiT is loaded on the CPU and only the resident part moves to the
+    device.
+    """
+    arch, args, device = run.arch, run.args, run.device
+    swap = bool(args.blocks_to_swap)
+    dit = arch.load_dit(args.dit, dtype=dtype, device="cpu" if swap else device, model_version=run.model_version)
+    dit.requires_grad_(trainable)
+    dit.train(trainable)
+    if getattr(args, "base_weights", None):
+        from tsumugi.networks.lora_merge import merge_lora_files
+
+        merge_lora_files(dit, args.base_weights, args.base_weights_multiplier)
+    if getattr(args, "fp8_base", False):
+        from tsumugi.memory.fp8_dit import quantize_dit_fp8
+
+        quantize_dit_fp8(dit, arch.name, scaled=args.fp8_scaled)
+    if args.gradient_checkpointing and getattr(args, "gradient_checkpointing_cpu_offload", False):
+        from tsumugi.memory.activation_offload import enable_checkpointing_with_cpu_offload
+
+        enable_checkpointing_with_cpu_offload(dit, pin_memory=device.type == "cuda")
+    elif args.gradient_checkpointing:
+        dit.enable_gradient_checkpointing()
+    from tsumugi.memory.attention import apply_attention_mode
+
+    apply_attention_mode(dit, args.attn_mode, flag="--" + {"torch": "sdpa"}.get(args.attn_mode, args.attn_mode))
+    if getattr(args, "split_attn", False):
+        from tsumugi.memory.split_attention import apply_split_attention
+
+        apply_split_attention(dit)
+    if getattr(args, "compile", False):
+        from tsumugi.memory.compile_blocks import compile_blocks
+
+        # only block forwards are compiled: block swap's hooks stay eager; with swap the Linears run eagerly
+        compile_blocks(dit, arch.name, backend=args.compile_backend, mode=args.compile_mode,
+                       dynamic=args.compile_dynamic, fullgraph=args.compile_fullgraph,
+                       cache_size_limit=args.compile_cache_size_limit, eager_linears=swap)
+    swapper = None
+    if swap:
+        from tsumugi.memory.block_swap import attach_block_swap
+
+        swapper = attach_block_swap(dit, args.blocks_to_swap, device, arch.name, mode="train",
+                                    pinned=args.use_pinned_memory_for_block_swap,
+                                    h2d_only=getattr(args, "block_swap_h2d_only", False))
+    return dit, swapper
+
+
+def max_train_steps(run: TrainingRun) -> int:
+    """``--max_train_steps``, or ``--max_train_epochs`` converted to steps (written back into ``args``)."""
+    args = run.args
+    per_epoch = steps_per_epoch(run.data, run.accelerator.num_processes, args.gradient_accumulation_steps)
+    if args.max_train_epochs:
+        args.max_train_steps = args.max_train_epochs * per_epoch
+    return args.max_train_steps
+
+
+def resume_progress(run: TrainingRun) -> TrainProgress:
+    """A fresh start, or the position saved in ``--resume`` (after accelerate has restored its objects)."""
+    args = run.args
+    if not args.resume:
+        return TrainProgress(seed=run.seed)
+    progress = load_state(run.accelerator, args.resume)
+    if progress.seed != run.seed and args.seed is not None:
+        logger.warning("--seed %d differs from the resumed run's %d: the resumed run's seed is used", run.seed,
+                       progress.seed)
+    logger.info("resumed at step %d (epoch %d, batch %d)", progress.global_step, progress.epoch + 1,
+                progress.batch_index)
+    return progress
+
+
+def _histogram_writer(accelerator):
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            return tracker.writer
+    return None
+
+
+def run_training(
+    run: TrainingRun,
+    *,
+    dit: torch.nn.Module,
+    swapper,
+    params: list[torch.Tensor],
+    optimizer,
+    lr_scheduler,
+    save_weights: Callable[[Path, TrainProgress], None],
+    trainable: torch.nn.Module | None,
+    tracker_name: str,
+    dtype: torch.dtype,
+    fused=None,
+    before_step: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> TrainingResult:
+    """Resume, then run the loop with saving/sampling hooks, then write the final weights and state.
+
+    ``optimizer`` and ``lr_scheduler`` must already be prepared by the accelerator and every object the
+    state must hold registered for checkpointing.
+    """
+    args, accelerator = run.args, run.accelerator
+    max_steps = args.max_train_steps
+    progress = resume_progress(run)
+    if run.log_with:
+        accelerator.init_trackers(args.log_tracker_name or tracker_name, config=None)
+    sampler = None
+    if args.sample_prompts:
+        from tsumugi.train.sample_prompts import TrainingSampler
+
+        sampler = TrainingSampler(run.arch, args, run.device, dtype, accelerator.is_main_process)
+    hooks = CheckpointHooks(args=args, accelerator=accelerator, save_weights=save_weights, trainable=trainable,
+                            dit=dit, optimizer=optimizer, max_steps=max_steps, sampler=sampler, swapper=swapper,
+                            histograms=_histogram_writer(accelerator) if run.log_with else None)
+    loop = TrainingLoop(arch=run.arch, dit=dit, params=params, data=run.data, optimizer=optimizer,
+                        lr_scheduler=lr_scheduler, accelerator=accelerator, args=args, progress=progress,
+                        max_steps=max_steps, hooks=hooks, fused=fused, before_step=before_step,
+                        after_step=after_step)
+    if args.sample_at_first and progress.global_step == 0:
+        hooks.sample("000000")
+    loop.run()
+
+    final = hooks.save(args.output_name, progress)
+    if args.save_state_on_train_end or args.save_state:
+        hooks.save_state(f"{args.output_name}-state", progress)
+    accelerator.end_training()
+    path = final or Path(args.output_dir) / f"{args.output_name}.safetensors"
+    ends = hooks.step_ends
+    return TrainingResult(path, hooks.losses, progress.global_step, [b - a for a, b in zip(ends, ends[1:])])

@@ -1,0 +1,21 @@
+"""Z-Image full fine-tuning (Musubi-compatible flags; run with python or accelerate launch)."""
+
+from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__" and not __package__:  # run as a file: import the package from src/, not src/tsumugi/
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from tsumugi.cli.entry import run_main  # noqa: E402
+from tsumugi.train.full_training import train_full_main  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: train_full_main("zimage", argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Smoke tests of the benchmark scripts: they run end to end at small size and print a result row.
+
+The scripts are run as users run them (a subprocess per command) so that their argument handling,
+imports from ``benchmarks/common.py`` and table output are covered, not only the library code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str) -> str:
+    """Run ``benchmarks/<script>`` with ``args``; returns its stdout after checking the exit code."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    )
+    return proc.stdout
+
+
+def table_rows(stdout: str) -> list[dict[str, str]]:
+    """The rows of the markdown table printed last, keyed by header."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3, f"no result table in:\n{stdout}"
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True))
+            for line in lines[2:]]
+
+
+def assert_positive_step(rows: list[dict[str, str]]) -> None:
+    for row in rows:
+        assert float(row["s/step"]) > 0, row
+
+
+@pytest.mark.parametrize("arch", ["qwen_image", "zimage"])
+def test_generate_step_runs(arch: str, tmp_path: Path) -> None:
+    out = run_script("generate_step.py", "--arch", arch, "--size", "small", "--resolution", "128",
+                     "--steps", "3", "--device", "cpu", "--workdir", str(tmp_path))
+    rows = table_rows(out)
+    assert [(r["arch"], r["resolution"], r["options"]) for r in rows] == [(arch, "128x128", "none")]
+    assert rows[0]["CFG"] == ("on" if arch == "qwen_image" else "off")  # the families' defaults
+    assert_positive_step(rows)
+
+
+def test_generate_step_block_swap_inplace_weights(tmp_path: Path) -> None:
+    """Block swap through the generate flag, with the random weights made in place (the release-size path)."""
+    out = run_script("generate_step.py", "--arch", "zimage", "--size", "small", "--resolution", "128",
+                     "--steps", "2", "--device", "cpu", "--blocks_to_swap", "1", "--weights", "inplace",
+                     "--cfg", "on", "--workdir", str(tmp_path))
+    rows = table_rows(out)
+    assert [(r["options"], r["CFG"]) for r in rows] == [("--blocks_to_swap 1", "on")]
+    assert_positive_step(rows)
+    assert not list(tmp_path.iterdir())  # no DiT file written
+
+
+def test_train_step_runs(tmp_path: Path) -> None:
+    out = run_script("train_step.py", "--arch", "zimage", "--size", "small", "--resolution", "128",
+                     "--steps", "2", "--workdir", str(tmp_path))
+    rows = table_rows(out)
+    assert [(r["arch"], r["resolution"]) for r in rows] == [("zimage", "128")]
+    assert_positive_step(rows)
