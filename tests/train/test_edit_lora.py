@@ -52,7 +52,7 @@ def test_trained_edit_lora_matches_diffusers_edit_pipeline(version, edit_dataset
     get, files = edit_dataset
     toml = get(version)
     lora = run("qwen_image", toml, files, tmp_path / "t", "--model_version", version, "--learning_rate", "5e-2",
-               "--max_train_steps", "4").lora_path
+               "--max_train_steps", "4").path
     control = sorted((toml.parent / "controls").glob("*.png"))[0]
     settings = dict(prompt="make it brighter", negative_prompt="blurry", steps=3, seed=8)
 

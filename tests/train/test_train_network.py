@@ -149,7 +149,7 @@ def test_trained_lora_matches_in_diffusers_and_our_generate(arch, cached, tiny_s
     from tsumugi.zimage_generate_image import main as zimage_generate
 
     toml, files = cached(arch)
-    lora = run(arch, toml, files, tmp_path / "t", "--learning_rate", "5e-2").lora_path
+    lora = run(arch, toml, files, tmp_path / "t", "--learning_rate", "5e-2").path
     settings = dict(prompt="a small red house", negative_prompt="blurry", height=64, width=64, steps=3, seed=5,
                     guidance=4.0 if arch == "qwen_image" else 2.0)
     reference = reference_image(arch, tiny_sets(arch, "diffusers"), lora=lora, **settings)
@@ -220,7 +220,7 @@ def test_training_on_fp8_scaled_weights(arch, cached, tmp_path):
     result = run(arch, toml, files, tmp_path, "--fp8_base", "--fp8_scaled")
     np.testing.assert_allclose(result.losses, PINNED[(arch, "sigma")], rtol=5e-2)
     assert result.losses != PINNED[(arch, "sigma")], "the fp8 weights must be in use"
-    assert result.lora_path.is_file()
+    assert result.path.is_file()
 
 
 def test_nan_loss_stops_with_step_and_saves_state(cached, tiny_sets, tmp_path):
@@ -289,7 +289,7 @@ def test_base_weights_are_merged_before_training(cached, tmp_path):
     from tsumugi.testing.tiny_models import save_component
 
     toml, files = cached("zimage")
-    adapter = run("zimage", toml, files, tmp_path / "adapter", "--learning_rate", "5e-2").lora_path
+    adapter = run("zimage", toml, files, tmp_path / "adapter", "--learning_rate", "5e-2").path
     plain = run("zimage", toml, files, tmp_path / "plain", "--max_train_steps", "1")
     based = run("zimage", toml, files, tmp_path / "based", "--max_train_steps", "1", "--base_weights", str(adapter),
                 "--base_weights_multiplier", "0.8")
@@ -379,7 +379,7 @@ def test_edit_training_with_two_controls(version, tiny_sets, tmp_path):
     np.testing.assert_allclose(batched.losses, accumulated.losses, rtol=1e-5)
     from safetensors import safe_open
 
-    with safe_open(str(batched.lora_path), "pt") as f:
+    with safe_open(str(batched.path), "pt") as f:
         meta = f.metadata()
     assert meta["ss_base_model_version"] == "qwen_image_edit"
     expected = {"edit-2509": "Qwen-Image-Edit-Plus/lora", "edit-2511": "Qwen-Image-Edit-2511/lora"}[version]

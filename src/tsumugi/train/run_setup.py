@@ -86,10 +86,6 @@ class TrainingResult:
     step_seconds: list[float]
     """wall time of each step after the first (for benchmarks)"""
 
-    @property
-    def lora_path(self) -> Path:
-        return self.path
-
 
 def start_run(arch_name: str, args: argparse.Namespace) -> TrainingRun:
     """Check flags, datasets and caches, then create the accelerator (nothing heavy is loaded yet)."""
