@@ -1,4 +1,4 @@
-"""Timestep sampling, loss weights and flow-matching targets (model_math.md 9-11, 13.3)."""
+"""Timestep sampling, loss weights and flow-matching targets (docs/design.md, "Training loss")."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from tsumugi.arch.base import ImageGeometry
 from tsumugi.errors import UserError
 from tsumugi.train.loss_weighting import (
     flow_matching_target,
@@ -22,7 +23,6 @@ from tsumugi.train.timesteps import (
     TimestepConfig,
     discrete_schedule,
     flux_shift_mu,
-    latent_num_tokens,
     model_timesteps,
     qwen_shift_mu,
     sample_sigmas,
@@ -95,18 +95,16 @@ def test_shift_median_and_quantiles():
 
 
 def test_shift_mus_match_inference_table():
-    # model_math.md 7.1: (tokens, mu)
+    # docs/design.md, Qwen-Image dynamic shift table: (tokens, mu)
     for tokens, mu in [(1024, 0.5387), (4096, 0.6935), (6889, 0.8343), (6032, 0.7911), (16384, 1.3129)]:
         assert abs(qwen_shift_mu(tokens) - mu) < 5e-4
     assert abs(math.exp(qwen_shift_mu(4096)) - 2.001) < 1e-3
     assert flux_shift_mu(256) == pytest.approx(0.5)
     assert flux_shift_mu(4096) == pytest.approx(1.15)
-    assert latent_num_tokens(128, 128) == 4096  # 1024x1024 image -> 128x128 latent
-    assert latent_num_tokens(129, 127) == 64 * 63
 
 
 def test_qwen_shift_at_1024_equals_static_shift():
-    tokens = latent_num_tokens(128, 128)
+    tokens = ImageGeometry(height=1024, width=1024).num_tokens
     s = draw(timestep_sampling="qwen_shift", num_tokens=tokens)
     expected = shifted_sigmoid_quantiles(math.exp(0.6935))
     assert torch.allclose(quantiles(s), expected, atol=0.01)
@@ -472,14 +470,11 @@ def test_noisy_input_and_targets():
     xt = noisy_input(x0, noise, sig)
     assert torch.equal(xt[0], x0[0]) and torch.equal(xt[2], noise[2])
     assert torch.allclose(xt[1], 0.7 * x0[1] + 0.3 * noise[1], atol=1e-6)
-    assert torch.equal(flow_matching_target("qwen_image", x0, noise), noise - x0)
-    assert torch.equal(flow_matching_target("zimage", x0, noise), x0 - noise)
-    # Qwen's target is d x_t / d sigma; Z-Image's is its negation
+    assert torch.equal(flow_matching_target(x0, noise), noise - x0)
+    # the target is the velocity d x_t / d sigma
     h = 1e-2
     dx = (noisy_input(x0, noise, sig + h) - noisy_input(x0, noise, sig)) / h
-    assert torch.allclose(dx, flow_matching_target("qwen_image", x0, noise), atol=1e-3)
-    with pytest.raises(ValueError):
-        flow_matching_target("flux", x0, noise)
+    assert torch.allclose(dx, flow_matching_target(x0, noise), atol=1e-3)
     # 5-D latents (Qwen layered / video-style) broadcast per sample, dtype kept
     x5 = torch.randn(2, 16, 3, 2, 2, generator=g).bfloat16()
     assert noisy_input(x5, torch.zeros_like(x5), torch.tensor([0.5, 1.0])).dtype == torch.bfloat16

@@ -1,7 +1,10 @@
-"""Flow-matching noisy input, regression target and per-sample loss weights (model_math.md 9, 11).
+"""Flow-matching noisy input, regression target and per-sample loss weights (``docs/design.md``,
+"Training loss").
 
 * noisy input: ``x_t = (1 - sigma) * x0 + sigma * noise`` for every sampling mode;
-* target: Qwen-Image predicts ``noise - x0``, Z-Image predicts ``x0 - noise``;
+* target: the velocity ``noise - x0`` (``d x_t / d sigma``). Both families are trained in this
+  convention because :meth:`tsumugi.arch.base.Architecture.predict_velocity` returns velocities: Qwen-Image
+  predicts it directly, Z-Image predicts ``x0 - noise`` and its adapter negates the output;
 * loss: ``mean(w(sigma) * (pred - target)^2)`` over every element, with ``w`` from :func:`loss_weights`.
 
 Weights look ``sigma`` up at the nearest level of the unshifted 1000-step schedule (``t/1000``,
@@ -19,7 +22,6 @@ from tsumugi.errors import UserError
 
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 NUM_TRAIN_TIMESTEPS = 1000
-_TARGET_SIGN = {"qwen_image": 1.0, "zimage": -1.0}
 
 
 def schedule_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
@@ -62,13 +64,9 @@ def noisy_input(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> 
     return ((1 - s) * x0.float() + s * noise.float()).to(x0.dtype)
 
 
-def flow_matching_target(arch_name: str, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Regression target: ``noise - x0`` for ``qwen_image``, ``x0 - noise`` for ``zimage``."""
-    if arch_name not in _TARGET_SIGN:
-        raise ValueError(f"unknown architecture {arch_name!r}; expected 'qwen_image' or 'zimage'")
-    if _TARGET_SIGN[arch_name] > 0:
-        return noise - x0
-    return x0 - noise
+def flow_matching_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Regression target of the velocity prediction: ``noise - x0``, in fp32."""
+    return noise.float() - x0.float()
 
 
 def weighted_mse(

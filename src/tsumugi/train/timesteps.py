@@ -87,7 +87,7 @@ def _is_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class TimestepConfig:
-    """The timestep-sampling flags (cli.md 3.8); validated on construction (raises :class:`UserError`)."""
+    """The timestep-sampling flags (``docs/training.md``); validated on construction (raises :class:`UserError`)."""
 
     timestep_sampling: str = "sigma"
     discrete_flow_shift: float = 1.0
@@ -194,13 +194,8 @@ def qwen_shift_mu(num_tokens: int) -> float:
     return _linear(float(num_tokens), 256.0, 0.5, 8192.0, 0.9)
 
 
-def latent_num_tokens(latent_height: int, latent_width: int) -> int:
-    """Tokens of a latent after 2x2 patchify: ``(h//2) * (w//2)``."""
-    return (latent_height // 2) * (latent_width // 2)
-
-
 def model_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
-    """Timestep tensor for the DiT: exactly ``1000 * sigma`` (no ``+1`` offset; spec 13.3).
+    """Timestep tensor for the DiT: exactly ``1000 * sigma`` (no ``+1`` offset, unlike Musubi).
 
     Qwen-Image feeds ``timestep/1000 = sigma``; Z-Image's adapter turns it into ``1 - sigma``.
     """
@@ -393,7 +388,7 @@ def sample_sigmas(
 ) -> torch.Tensor:
     """Draw ``batch_size`` noise levels (float32, shape (B,), on the generator's device).
 
-    ``num_tokens``: latent tokens per sample (:func:`latent_num_tokens`), needed by the ``*_shift`` and
+    ``num_tokens``: latent tokens per sample (``ImageGeometry.num_tokens``), needed by the ``*_shift`` and
     ``qinglong_*`` modes. ``uniform_override``: (B,) uniforms (e.g. from :class:`TimestepBuckets`) used
     instead of the first batch of base draws. ``buckets``: source of all further base draws (needed for
     ``--preserve_distribution_shape`` with buckets, where the number of draws is not known in advance).

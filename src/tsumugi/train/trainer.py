@@ -23,9 +23,9 @@ from tsumugi.arch.base import Architecture, ImageGeometry, PromptEmbeds
 from tsumugi.caching.validate import CachedItem
 from tsumugi.errors import UserError
 from tsumugi.train.cached_data import CachedTrainingData
-from tsumugi.train.loss_weighting import loss_weights, noisy_input
+from tsumugi.train.loss_weighting import flow_matching_target, loss_weights, noisy_input, weighted_mse
 from tsumugi.train.state import TrainProgress
-from tsumugi.train.timesteps import TimestepConfig, sample_sigmas
+from tsumugi.train.timesteps import TimestepConfig, model_timesteps, sample_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,9 @@ def micro_batch_loss(
     torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generators[0])))  # LoRA dropout draws
     with autocast():
         pred = arch.predict_velocity(
-            dit, noisy, sigmas * 1000, [PromptEmbeds(t) for t in batch.text], geometry, conditions
+            dit, noisy, model_timesteps(sigmas), [PromptEmbeds(t) for t in batch.text], geometry, conditions
         )
-    weights = loss_weights(weighting, sigmas).view(-1, *[1] * (pred.dim() - 1))
-    loss = (weights * (pred.float() - (noise - x0).float()) ** 2).mean()
+    loss = weighted_mse(pred, flow_matching_target(x0, noise), loss_weights(weighting, sigmas))
     return loss, sigmas.detach().cpu()
 
 
