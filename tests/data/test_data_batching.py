@@ -1,4 +1,4 @@
-"""Batches per dataset/bucket/control sizes, repeats and the seeded epoch shuffle (spec §6.4)."""
+"""Batches per dataset/bucket/control sizes, repeats and the seeded epoch shuffle (docs/design.md, "Dataset items and batches")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bucket list (golden table of spec §6.1), assignment, resizing and the control resize policy."""
+"""Bucket list (docs/design.md, "Buckets and control images"), assignment, resizing and the control resize policy."""
 
 from __future__ import annotations
 

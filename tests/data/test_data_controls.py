@@ -1,4 +1,4 @@
-"""Control image matching (spec §5.1) and JSONL control key normalisation (spec §4)."""
+"""Control image matching and JSONL control key normalisation (docs/design.md, "Dataset items and batches")."""
 
 from __future__ import annotations
 

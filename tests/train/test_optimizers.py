@@ -1,4 +1,4 @@
-"""Optimizers of --optimizer_type/--optimizer_args and LR curves of --lr_scheduler* (cli.md 3.3, 3.4)."""
+"""Optimizers of --optimizer_type/--optimizer_args and LR curves of --lr_scheduler* (docs/design.md, "Learning-rate schedulers")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training-script flags: Musubi defaults, --config_file precedence, and rejected combinations (cli.md 0, 3, 4)."""
+"""Training-script flags: Musubi defaults, --config_file precedence, and rejected combinations (docs/training.md)."""
 
 from __future__ import annotations
 

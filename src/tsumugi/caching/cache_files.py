@@ -1,4 +1,4 @@
-"""Cache file names, tensor keys and metadata (Musubi's format, spec cache_format.md).
+"""Cache file names, tensor keys and metadata (Musubi's format, ``docs/design.md``, "Cache files").
 
 File names: ``{stem}_{W:04d}x{H:04d}_{arch}.safetensors`` (latents; W×H is the ORIGINAL image size)
 and ``{stem}_{arch}_te.safetensors`` (text-encoder outputs). Tensor keys carry shape and dtype:

@@ -36,7 +36,7 @@ def load_item(item: ImageItem, bucket: tuple[int, int], dataset: DatasetConfig) 
 
 
 def load_control(path, bucket: tuple[int, int], dataset: DatasetConfig):
-    """One control image at the size the DiT sees it (spec dataset_config 5.2)."""
+    """One control image at the size the DiT sees it (``docs/design.md``, "Buckets and control images")."""
     return resize_control(load_image(path), bucket, dataset.control_resolution, dataset.no_resize_control)
 
 

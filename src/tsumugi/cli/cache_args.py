@@ -1,4 +1,4 @@
-"""Flags of the caching scripts (spec cli.md sections 1 and 2)."""
+"""Flags of the caching scripts (``docs/caching.md``)."""
 
 from __future__ import annotations
 

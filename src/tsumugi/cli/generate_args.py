@@ -1,4 +1,4 @@
-"""Flags of the ``*_generate_image`` scripts (Musubi's names and defaults, see spec cli.md 4.5/4.6)."""
+"""Flags of the ``*_generate_image`` scripts (Musubi's names and defaults, see ``docs/generate.md``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 from tsumugi.arch.base import Architecture
 from tsumugi.errors import UserError
 
-# --compile and its options (spec cli.md 3.9), shared by the training and generate scripts.
+# --compile and its options (docs/training.md, "Memory options"), shared by the training and generate scripts.
 COMPILE_FLAGS: list[tuple[str, dict]] = [
     ("--compile", {"action": "store_true", "help": "torch.compile the transformer blocks"}),
     ("--compile_backend", {"type": str, "default": "inductor", "help": "torch.compile backend"}),

@@ -1,4 +1,4 @@
-"""Flags of the training scripts (``*_train_network`` and ``*_train``), spec cli.md sections 0, 3 and 4.1-4.4.
+"""Flags of the training scripts (``*_train_network`` and ``*_train``), see ``docs/training.md``.
 
 Names, types and defaults are Musubi Tuner's. Three steps:
 

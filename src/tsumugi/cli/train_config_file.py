@@ -1,4 +1,4 @@
-"""``--config_file``: a TOML file of training flags (spec cli.md section 0).
+"""``--config_file``: a TOML file of training flags (``docs/training.md``).
 
 ``.toml`` may be left off; sections are flattened; file values replace argparse defaults; flags given on
 the command line win. Unlike Musubi, file values are converted and checked as if typed on the command
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def parse_train_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` (``sys.argv[1:]`` when ``None``) and apply ``--config_file`` (spec cli.md 0).
+    """Parse ``argv`` (``sys.argv[1:]`` when ``None``) and apply ``--config_file``.
 
     Precedence: command line > file > default. File values are converted like command-line text
     (``lr_warmup_steps = "10%"``, ``network_args = ["a=1"]``, ``compile_dynamic = true``); a scalar for a

@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets, bucket assignment and resize-to-bucket (spec dataset_config.md §5.2, §6).
+"""Aspect-ratio buckets, bucket assignment and resize-to-bucket (``docs/design.md``, "Buckets and control images").
 
 Sizes are (width, height) everywhere in this module.
 
@@ -34,7 +34,7 @@ def floor16(value: int) -> int:
 
 
 def make_buckets(resolution: Size) -> list[Size]:
-    """All buckets for ``resolution`` = (W, H) with bucketing enabled (spec §6.1), sorted."""
+    """All buckets for ``resolution`` = (W, H) with bucketing enabled, sorted."""
     area = resolution[0] * resolution[1]
     side = math.isqrt(area)
     buckets: set[Size] = set()
@@ -49,7 +49,7 @@ def make_buckets(resolution: Size) -> list[Size]:
 
 
 class BucketSelector:
-    """Assigns image sizes to buckets for one dataset's resolution and bucket settings (spec §6.2)."""
+    """Assigns image sizes to buckets for one dataset's resolution and bucket settings."""
 
     def __init__(self, resolution: Size, enable_bucket: bool = False, bucket_no_upscale: bool = False):
         self.resolution = (int(resolution[0]), int(resolution[1]))
@@ -72,7 +72,7 @@ class BucketSelector:
 
 
 def bucket_for_area(size: Size, resolution: Size, step: int = STEP) -> Size:
-    """Size with about the area of ``resolution`` and the aspect ratio of ``size`` (spec §6.3)."""
+    """Size with about the area of ``resolution`` and the aspect ratio of ``size``."""
     area = resolution[0] * resolution[1]
     ratio = size[0] / size[1]
     base_w = int(math.sqrt(area * ratio))
@@ -96,7 +96,7 @@ def bucket_for_area(size: Size, resolution: Size, step: int = STEP) -> Size:
 
 
 VL_CONTROL_RESOLUTION: Size = (384, 384)
-"""Area of control images given to the Qwen2.5-VL text encoder (spec §5.3)."""
+"""Area of control images given to the Qwen2.5-VL text encoder."""
 
 
 def vl_input_size(control_size: Size) -> Size:
@@ -195,7 +195,7 @@ def _control_plan(
 def control_target_size(
     control_size: Size, target_bucket: Size, control_resolution: Sequence[int] | None, no_resize_control: bool
 ) -> Size:
-    """Size (W, H) a control image of ``control_size`` gets under the policy of spec §5.2."""
+    """Size (W, H) a control image of ``control_size`` gets under the control resize policy."""
     return _control_plan(control_size, target_bucket, control_resolution, no_resize_control)[0]
 
 
@@ -205,7 +205,7 @@ def resize_control(
     control_resolution: Sequence[int] | None,
     no_resize_control: bool,
 ) -> Image.Image:
-    """Resize/crop one control image for the VAE/DiT (spec §5.2).
+    """Resize/crop one control image for the VAE/DiT.
 
     * ``no_resize_control`` false, ``control_resolution`` unset: the target's bucket (default);
     * false, set: ``bucket_for_area(control size, control_resolution)``, own aspect ratio;

@@ -1,6 +1,6 @@
 """Musubi-format dataset configs (``.toml`` or ``.json``) -> validated :class:`DatasetConfig` objects.
 
-Reads exactly what Musubi Tuner reads (spec dataset_config.md): ``[general]`` plus ``[[datasets]]``,
+Reads exactly what Musubi Tuner reads (``docs/design.md``, "Dataset items and batches"): ``[general]`` plus ``[[datasets]]``,
 the same keys, deprecated key renames, and the value fallback dataset table -> ``[general]`` ->
 same-named non-None attribute of the script's argparse namespace -> default.
 
@@ -63,7 +63,7 @@ ARCHITECTURES: dict[str, str] = {
     "qil": "Qwen-Image-Layered",
     "zi": "Z-Image",
 }
-"""Architecture codes of cache_format.md §1 and their display names."""
+"""Architecture codes of the cache file names (``docs/design.md``, "Cache files") and their display names."""
 
 # key -> value kind (see _convert)
 ASCENDABLE_KEYS: dict[str, str] = {

@@ -1,4 +1,4 @@
-"""Which control images belong to which target (spec dataset_config.md §4, §5.1).
+"""Which control images belong to which target (``docs/design.md``, "Dataset items and batches").
 
 Directory form: a control file belongs to the image with stem ``S`` when its name starts with ``S.``
 or ``S_``. Images are matched longest stem first and a matched file leaves the pool, so ``img1`` never

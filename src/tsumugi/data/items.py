@@ -1,4 +1,4 @@
-"""The training items of one dataset: target image(s), caption, control images (spec §3, §4, §5.1, §7).
+"""The training items of one dataset: target image(s), caption, control images (``docs/design.md``, "Dataset items and batches").
 
 Directory form: images (``.png .jpg .jpeg .webp .bmp .avif``, any letter case, plus ``.jxl`` when
 ``pillow_jxl`` is installed; hidden files and subfolders ignored) with ``<stem><caption_extension>``
@@ -18,7 +18,7 @@ Decisions where Musubi is silent or silent-failing (see also config.py):
 * JSONL layered items may differ in layer count (as in Musubi); batching keeps them apart;
 * Qwen-Image-Edit JSONL lines without control images are allowed with a warning; a Qwen-Image-Edit
   dataset without any control image is an error;
-* Qwen-Image and Layered keep the first control only, Z-Image none (spec §5.1);
+* Qwen-Image and Layered keep the first control only, Z-Image none;
 * ``original_size`` is the size after EXIF orientation (what the model is trained on).
 """
 
@@ -63,7 +63,7 @@ class ImageItem:
 
     @property
     def cache_stem(self) -> str:
-        """Stem used in cache file names (cache_format.md §1); unique within a dataset."""
+        """Stem used in cache file names (``docs/design.md``, "Cache files"); unique within a dataset."""
         return self.image_path.stem
 
     @property

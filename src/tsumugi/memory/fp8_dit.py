@@ -1,12 +1,12 @@
 """float8 DiT weights for ``--fp8_base`` / ``--fp8_scaled`` (training) and ``--fp8`` (generation).
 
-Spec: ``memory.md`` section 2. :func:`quantize_dit_fp8` turns the selected ``nn.Linear`` layers of a
+Facts: ``docs/design.md``, "Memory: block swap and fp8". :func:`quantize_dit_fp8` turns the selected ``nn.Linear`` layers of a
 Qwen-Image or Z-Image DiT into :class:`Fp8DitLinear` in place (same module object, class swapped, so
 it stays an ``nn.Linear``: LoRA target selection, block swap and the merge code keep recognising it):
 
 - ``weight`` becomes a frozen ``float8_e4m3fn`` Parameter of the same shape;
 - ``scaled=False`` (``--fp8_base`` alone): a plain saturating cast, no scale; ``scale_weight`` is None;
-- ``scaled=True`` (``--fp8_scaled``): block-wise scales as the spec prescribes, one per (output row,
+- ``scaled=True`` (``--fp8_scaled``): block-wise scales, one per (output row,
   ``block_size`` input columns), buffer ``scale_weight`` of shape ``[out, in / block_size, 1]``; a layer
   whose ``in`` is not a multiple of ``block_size`` (or ``block_size=None``) gets one scale per output
   row, ``[out, 1]``. Scale = ``absmax / 448`` (fp32 math), rounded to and stored in the weight's source
@@ -17,7 +17,7 @@ it stays an ``nn.Linear``: LoRA target selection, block swap and the merge code 
 - ``forward`` dequantizes to the compute dtype (the autocast dtype under autocast, else the input's)
   and calls ``F.linear``; activations stay in high precision. Bias keeps its precision.
 
-What is quantized (spec 2.1, the same set for plain and scaled):
+What is quantized (the same set for plain and scaled):
 
 - Qwen-Image: every Linear inside ``transformer_blocks`` -- attention, MLPs and the modulation
   Linears ``img_mod.1``/``txt_mod.1`` (a third of the blocks' parameters; ``keep_modulation=True``
@@ -82,7 +82,7 @@ _SCALE_MIN = 1e-8
 
 Arch = Literal["qwen_image", "zimage"]
 
-# Module-path rules of spec 2.1: (prefixes of quantized containers, substrings that exclude a Linear).
+# Module-path rules: (prefixes of quantized containers, substrings that exclude a Linear).
 _RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "qwen_image": (("transformer_blocks.",), ("norm", "time_text_embed")),
     "zimage": (("layers.", "noise_refiner.", "context_refiner."), ("_modulation", "norm")),

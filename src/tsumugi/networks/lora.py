@@ -13,7 +13,7 @@ network's own ``ModuleDict``, so
   was applied (plain, or an fp8-dequantizing patch), then adds the low-rank term computed from the
   same input. Quantize/patch the DiT first, apply the network second.
 
-Math (``lora_format.md`` section 3)::
+Math (``docs/design.md``, "LoRA files")::
 
     y = base(x) + m * (alpha / r) * up(dropout(down(x)))
 

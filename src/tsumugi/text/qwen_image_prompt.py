@@ -1,4 +1,4 @@
-"""Qwen-Image prompt encoding with the Qwen2.5-VL text encoder (spec: model_math.md section 2.1).
+"""Qwen-Image prompt encoding with the Qwen2.5-VL text encoder (``docs/design.md``, "Prompt encoding").
 
 A prompt is wrapped in the text-only chat template, tokenized (at most ``1024 + drop_idx`` tokens, truncated),
 run through the encoder, and the last hidden state of the attention-masked tokens is kept without the first

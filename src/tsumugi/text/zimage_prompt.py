@@ -1,4 +1,4 @@
-"""Z-Image prompt encoding with the Qwen3 text encoder (spec: model_math.md section 2.2).
+"""Z-Image prompt encoding with the Qwen3 text encoder (``docs/design.md``, "Prompt encoding").
 
 Each prompt is rendered with the Qwen3 chat template (one user turn, generation prompt, ``enable_thinking=True``
 so no empty ``<think>`` block), giving ``"<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n"``.

@@ -4,7 +4,7 @@ Every DiT weight trains. Weights are float32 (autocast computes in ``--mixed_pre
 with ``--full_bf16``. Checkpoints are ComfyUI-layout single files streamed to disk tensor by tensor,
 so saving never holds a second copy of the model in memory (``--mem_eff_save`` is therefore always on).
 
-Differences from Musubi Tuner's ``*_train`` (spec memory.md 7.1):
+Differences from Musubi Tuner's ``*_train`` (see also ``docs/full_finetuning.md``):
 
 - ``--fused_backward_pass`` works with gradient accumulation: gradients accumulate as usual and each
   parameter steps inside the backward pass of the last micro-batch; the LR scheduler advances once per

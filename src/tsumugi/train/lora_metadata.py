@@ -1,5 +1,5 @@
 """The ``ss_*`` and ``modelspec.*`` metadata written with trained LoRA files and full fine-tunes
-(spec lora_format.md 6). A full fine-tune gets the same set minus the network keys, and its
+(``docs/design.md``, "LoRA files"). A full fine-tune gets the same set minus the network keys, and its
 ``modelspec.architecture`` has no ``/lora`` suffix."""
 
 from __future__ import annotations

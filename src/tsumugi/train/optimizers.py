@@ -1,4 +1,4 @@
-"""Optimizer from ``--optimizer_type``/``--optimizer_args``/``--learning_rate`` (spec cli.md 3.3).
+"""Optimizer from ``--optimizer_type``/``--optimizer_args``/``--learning_rate`` (``docs/training.md``).
 
 ``--optimizer_type`` (case-insensitive unless a dotted path):
 
