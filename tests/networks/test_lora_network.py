@@ -10,7 +10,8 @@ import torch
 from lora_helpers import QWEN, ZIMAGE, merged_copy, randomize_up
 
 from tsumugi.errors import UserError
-from tsumugi.networks.lora import LoRANetwork, module_dims_from_file
+from tsumugi.networks.lora import LoRANetwork
+from tsumugi.networks.lora_factory import module_dims_from_file
 from tsumugi.networks.lora_save import save_lora
 
 QWEN_BLOCK_MODULES = {

@@ -6,7 +6,7 @@ import pytest
 from lora_helpers import QWEN
 
 from tsumugi.errors import UserError
-from tsumugi.networks.lora import parse_network_args
+from tsumugi.networks.lora_factory import parse_network_args
 from tsumugi.networks.lora_qwen_image import create_network
 
 

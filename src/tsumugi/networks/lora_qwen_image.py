@@ -20,7 +20,8 @@ which Musubi, ComfyUI (generic ``lora_unet_`` map of the native Qwen keys) and d
 
 from __future__ import annotations
 
-from tsumugi.networks.lora import TargetSpec, network_factory
+from tsumugi.networks.lora import TargetSpec
+from tsumugi.networks.lora_factory import network_factory
 
 QWEN_IMAGE_TARGET = TargetSpec(
     name="qwen_image",

@@ -12,7 +12,8 @@ Files are written in the ``diffusion_model`` layout by default (see ``lora_save`
 
 from __future__ import annotations
 
-from tsumugi.networks.lora import TargetSpec, network_factory
+from tsumugi.networks.lora import TargetSpec
+from tsumugi.networks.lora_factory import network_factory
 
 ZIMAGE_TARGET = TargetSpec(
     name="z_image",
