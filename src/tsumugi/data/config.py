@@ -425,7 +425,65 @@ def _build_one(
     config_dir: Path | None,
     architecture: str,
 ) -> DatasetConfig | None:
+    """One ``[[datasets]]`` table -> :class:`DatasetConfig`; ``None`` when it cannot be built at all.
+
+    Every problem goes to ``problems``; the steps run in a fixed order so messages come out in it.
+    """
     where = f"datasets[{index}]"
+    resolved = _resolve_values(where, table, sources, problems)
+    if resolved is None:
+        return None
+    known, values = resolved
+    source = _image_source(where, values, problems)
+    if source is None:
+        return None
+    image_directory, image_jsonl_file, control_directory, beside_config = _resolve_input_paths(
+        where, values, source, config_dir, problems
+    )
+    cache_directory = _cache_directory(
+        where, values, image_directory, image_jsonl_file, beside_config, config_dir, problems
+    )
+    if cache_directory is None:
+        return None
+    control_directory = _check_controls(where, architecture, known, control_directory, image_jsonl_file, problems)
+    _check_architecture_needs(where, architecture, values, image_directory, problems)
+    _check_resolution(where, values, problems)
+    caption_extension = _caption_extension(where, values, image_directory, problems)
+    framepack = [k for k in _FRAMEPACK_KEYS if k in known]
+    if framepack:
+        problems.warn(
+            where, f"{', '.join(framepack)} are FramePack-only and ignored for {ARCHITECTURES[architecture]}"
+        )
+
+    enable_bucket = values["enable_bucket"]
+    return DatasetConfig(
+        index=index,
+        config_path=config_path,
+        architecture=architecture,
+        resolution=values["resolution"],
+        caption_extension=caption_extension,
+        batch_size=values["batch_size"],
+        num_repeats=values["num_repeats"],
+        enable_bucket=enable_bucket,
+        bucket_no_upscale=bool(values["bucket_no_upscale"] and enable_bucket),
+        image_directory=image_directory,
+        image_jsonl_file=image_jsonl_file,
+        cache_directory=cache_directory,
+        control_directory=control_directory,
+        multiple_target=values["multiple_target"],
+        no_resize_control=values["no_resize_control"],
+        control_resolution=values["control_resolution"],
+        fp_latent_window_size=values["fp_latent_window_size"],
+        fp_1f_clean_indices=values["fp_1f_clean_indices"],
+        fp_1f_target_index=values["fp_1f_target_index"],
+        fp_1f_no_post=values["fp_1f_no_post"],
+    )
+
+
+def _resolve_values(
+    where: str, table: dict[str, Any], sources: _Sources, problems: Problems
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(keys given in the table, every key's value after the fallback chain); ``None`` for video tables."""
     table = _rename_deprecated(table, where, problems)
     video = [k for k in table if k in VIDEO_KEYS]
     if video:
@@ -441,19 +499,26 @@ def _build_one(
         value, good = sources.lookup(key, known, where, problems)
         # an invalid value is already reported; the default lets the remaining checks run
         values[key] = value if good else DEFAULTS[key]
+    return known, values
 
-    arch_name = ARCHITECTURES[architecture]
-    image_dir_raw, jsonl_raw = values["image_directory"], values["image_jsonl_file"]
-    if image_dir_raw is None and jsonl_raw is None:
+
+def _image_source(where: str, values: dict[str, Any], problems: Problems) -> str | None:
+    """``"directory"`` or ``"jsonl"`` (image_directory wins when both are set); ``None`` when neither is."""
+    if values["image_directory"] is None and values["image_jsonl_file"] is None:
         problems.error(where, "needs image_directory or image_jsonl_file")
         return None
-    if image_dir_raw is not None and jsonl_raw is not None:
+    if values["image_directory"] is not None and values["image_jsonl_file"] is not None:
         problems.warn(
             where,
             "both image_directory and image_jsonl_file are set; image_jsonl_file is ignored (as in Musubi)",
         )
-        jsonl_raw = None
+    return "directory" if values["image_directory"] is not None else "jsonl"
 
+
+def _resolve_input_paths(
+    where: str, values: dict[str, Any], source: str, config_dir: Path | None, problems: Problems
+) -> tuple[Path | None, Path | None, Path | None, bool]:
+    """(image_directory, image_jsonl_file, control_directory, whether any was found next to the config)."""
     beside_config = False
 
     def resolve(key: str) -> Path | None:
@@ -474,13 +539,25 @@ def _build_one(
         return path
 
     image_directory = resolve("image_directory")
-    image_jsonl_file = resolve("image_jsonl_file") if jsonl_raw is not None else None
+    image_jsonl_file = resolve("image_jsonl_file") if source == "jsonl" else None
     control_directory = resolve("control_directory")
     if image_directory is not None and not image_directory.is_dir():
         problems.error(f"{where}.image_directory", f"directory not found: {image_directory}")
     if image_jsonl_file is not None and not image_jsonl_file.is_file():
         problems.error(f"{where}.image_jsonl_file", f"file not found: {image_jsonl_file}")
+    return image_directory, image_jsonl_file, control_directory, beside_config
 
+
+def _cache_directory(
+    where: str,
+    values: dict[str, Any],
+    image_directory: Path | None,
+    image_jsonl_file: Path | None,
+    beside_config: bool,
+    config_dir: Path | None,
+    problems: Problems,
+) -> Path | None:
+    """The cache folder: ``cache_directory``, else the image directory; ``None`` for a JSONL without one."""
     cache_raw = values["cache_directory"]
     if cache_raw is None:
         if image_jsonl_file is not None:
@@ -498,7 +575,18 @@ def _build_one(
     assert cache_directory is not None
     if cache_directory.exists() and not cache_directory.is_dir():
         problems.error(f"{where}.cache_directory", f"exists but is not a directory: {cache_directory}")
+    return cache_directory
 
+
+def _check_controls(
+    where: str,
+    architecture: str,
+    known: dict[str, Any],
+    control_directory: Path | None,
+    image_jsonl_file: Path | None,
+    problems: Problems,
+) -> Path | None:
+    """The control directory the dataset really uses (``None`` where it does not apply)."""
     control_keys_set = [k for k in _CONTROL_KEYS if k in known]
     if architecture == "zi" and control_keys_set:
         problems.warn(where, f"{', '.join(control_keys_set)} unused: Z-Image has no control images")
@@ -518,11 +606,18 @@ def _build_one(
             "Qwen-Image-Layered conditions on the first target; only "
             "the first control image per item is kept",
         )
+    return control_directory
 
+
+def _check_architecture_needs(
+    where: str, architecture: str, values: dict[str, Any], image_directory: Path | None, problems: Problems
+) -> None:
+    """Layered needs ``multiple_target`` (and only Layered takes it); an Edit directory needs controls."""
     multiple_target = values["multiple_target"]
     if multiple_target and architecture != "qil":
         problems.error(
-            f"{where}.multiple_target", f"multiple_target is for Qwen-Image-Layered only, not {arch_name}"
+            f"{where}.multiple_target",
+            f"multiple_target is for Qwen-Image-Layered only, not {ARCHITECTURES[architecture]}",
         )
     if architecture == "qil" and not multiple_target:
         problems.error(where, "Qwen-Image-Layered needs multiple_target = true (base image + layer images)")
@@ -533,6 +628,8 @@ def _build_one(
             "with control_path)",
         )
 
+
+def _check_resolution(where: str, values: dict[str, Any], problems: Problems) -> None:
     enable_bucket = values["enable_bucket"]
     resolution = values["resolution"]
     if values["bucket_no_upscale"] and not enable_bucket:
@@ -544,6 +641,11 @@ def _build_one(
             "enable_bucket is false (it is then the only image size)",
         )
 
+
+def _caption_extension(
+    where: str, values: dict[str, Any], image_directory: Path | None, problems: Problems
+) -> str | None:
+    """``caption_extension``, defaulting to ``.txt`` for image directories."""
     caption_extension = values["caption_extension"]
     if image_directory is not None:
         if caption_extension is None:
@@ -555,32 +657,7 @@ def _build_one(
                 f"'{caption_extension}' does not start with '.'; caption "
                 f"files are looked up as <image stem>{caption_extension}",
             )
-    framepack = [k for k in _FRAMEPACK_KEYS if k in known]
-    if framepack:
-        problems.warn(where, f"{', '.join(framepack)} are FramePack-only and ignored for {arch_name}")
-
-    return DatasetConfig(
-        index=index,
-        config_path=config_path,
-        architecture=architecture,
-        resolution=resolution,
-        caption_extension=caption_extension,
-        batch_size=values["batch_size"],
-        num_repeats=values["num_repeats"],
-        enable_bucket=enable_bucket,
-        bucket_no_upscale=bool(values["bucket_no_upscale"] and enable_bucket),
-        image_directory=image_directory,
-        image_jsonl_file=image_jsonl_file,
-        cache_directory=cache_directory,
-        control_directory=control_directory,
-        multiple_target=multiple_target,
-        no_resize_control=values["no_resize_control"],
-        control_resolution=values["control_resolution"],
-        fp_latent_window_size=values["fp_latent_window_size"],
-        fp_1f_clean_indices=values["fp_1f_clean_indices"],
-        fp_1f_target_index=values["fp_1f_target_index"],
-        fp_1f_no_post=values["fp_1f_no_post"],
-    )
+    return caption_extension
 
 
 def _check_unique_cache_directories(configs: list[DatasetConfig], problems: Problems) -> None:
