@@ -42,7 +42,7 @@ def full_config(scheduler: FlowMatchEulerDiscreteScheduler) -> dict:
 
 @pytest.mark.parametrize("arch", list(CASES))
 def test_reference_scheduler_config_is_the_released_one(arch):
-    """The constant that ``tsumugi.testing.reference`` and the LoRA parity tests build their scheduler from."""
+    """The constant ``tsumugi.testing.reference`` and the LoRA parity tests build their scheduler from."""
     ours = FlowMatchEulerDiscreteScheduler.from_config(CASES[arch][1])
     assert full_config(ours) == full_config(released(arch))
 
@@ -64,8 +64,8 @@ def test_sampler_scheduler_is_the_released_one(arch):
 def test_released_schedules_match_the_documented_examples():
     """docs/design.md's 8-step examples at 1024x1024, computed by diffusers from the released configs."""
     qwen = released("qwen_image")
-    qwen.set_timesteps(sigmas=np.linspace(1.0, 1 / 8, 8).tolist(), mu=get_architecture("qwen_image").scheduler_kwargs(
-        ImageGeometry(height=1024, width=1024))["mu"])
+    mu = get_architecture("qwen_image").scheduler_kwargs(ImageGeometry(height=1024, width=1024))["mu"]
+    qwen.set_timesteps(sigmas=np.linspace(1.0, 1 / 8, 8).tolist(), mu=mu)
     expected_qwen = [1.0, 0.916, 0.820, 0.709, 0.580, 0.427, 0.244, 0.020, 0.0]
     np.testing.assert_allclose(qwen.sigmas.numpy(), expected_qwen, atol=1e-3)
     zimage = released("zimage")

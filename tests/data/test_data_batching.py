@@ -1,4 +1,7 @@
-"""Batches per dataset/bucket/control sizes, repeats and the seeded epoch shuffle (docs/design.md, "Dataset items and batches")."""
+"""Batches per dataset/bucket/control sizes, repeats and the seeded epoch shuffle.
+
+See docs/design.md, "Dataset items and batches".
+"""
 
 from __future__ import annotations
 

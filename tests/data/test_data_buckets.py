@@ -1,4 +1,5 @@
-"""Bucket list (docs/design.md, "Buckets and control images"), assignment, resizing and the control resize policy."""
+"""Bucket list, assignment, resizing and the control resize policy (docs/design.md, "Buckets and
+control images")."""
 
 from __future__ import annotations
 

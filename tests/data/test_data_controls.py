@@ -1,4 +1,7 @@
-"""Control image matching and JSONL control key normalisation (docs/design.md, "Dataset items and batches")."""
+"""Control image matching and JSONL control key normalisation.
+
+See docs/design.md, "Dataset items and batches".
+"""
 
 from __future__ import annotations
 

@@ -134,7 +134,9 @@ def test_smart_resize_rules():
 
 
 def test_vl_input_size():
-    """bucket_for_area(size, 384x384), step 16 (docs/design.md, "Buckets and control images"); values worked out by hand."""
+    """bucket_for_area(size, 384x384), step 16 (docs/design.md, "Buckets and control images").
+
+    Values worked out by hand."""
     assert vl_input_size(1024, 1024) == (384, 384)
     assert vl_input_size(1920, 1080) == (512, 288)
     assert vl_input_size(1024, 768) == (432, 336)  # diffusers' calculate_dimensions gives 448x320

@@ -130,7 +130,8 @@ def _check_velocity_convention(x0: torch.Tensor, noise: torch.Tensor, sigma: flo
     torch.testing.assert_close(landed, x0, rtol=1e-5, atol=1e-5)
 
 
-def _qwen_reference(dit, batch: TrainBatch, config: TimestepConfig, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _qwen_reference(dit, batch: TrainBatch, config: TimestepConfig, scheme: str):
+    """(loss, sigmas) the Qwen-Image / Edit-Plus pipelines' conventions give."""
     from diffusers import QwenImageEditPlusPipeline, QwenImagePipeline
 
     pack = QwenImageEditPlusPipeline._pack_latents if batch.controls else QwenImagePipeline._pack_latents
@@ -145,7 +146,8 @@ def _qwen_reference(dit, batch: TrainBatch, config: TimestepConfig, scheme: str)
     longest = max(t.shape[0] for t in batch.text)
     embeds = torch.stack([torch.cat([t, t.new_zeros(longest - t.shape[0], t.shape[1])]) for t in batch.text])
     mask = torch.stack([torch.arange(longest) < t.shape[0] for t in batch.text]).long()
-    img_shapes = [[(1, h // 2, w // 2), *[(1, c.shape[-2] // 2, c.shape[-1] // 2) for c in batch.controls]]] * b
+    controls = [(1, c.shape[-2] // 2, c.shape[-1] // 2) for c in batch.controls]
+    img_shapes = [[(1, h // 2, w // 2), *controls]] * b
     timestep = sigmas * 1000
     with torch.no_grad():
         pred = dit(hidden_states=hidden, timestep=timestep / 1000, encoder_hidden_states=embeds,
@@ -157,7 +159,8 @@ def _qwen_reference(dit, batch: TrainBatch, config: TimestepConfig, scheme: str)
     return (loss * _reference_weights(scheme, sigmas).view(-1, 1, 1)).mean(), sigmas
 
 
-def _zimage_reference(dit, batch: TrainBatch, config: TimestepConfig, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _zimage_reference(dit, batch: TrainBatch, config: TimestepConfig, scheme: str):
+    """(loss, sigmas) the Z-Image pipeline's conventions give."""
     x0 = (batch.latents - ZIMAGE_VAE_SHIFT) * ZIMAGE_VAE_SCALING
     h, w = x0.shape[-2:]
     noise, sigmas = _replayed_draws(x0.shape[1:], (h // 2) * (w // 2), config)
@@ -186,8 +189,8 @@ def test_micro_batch_loss_matches_diffusers_reference(case, scheme, dits):
     config = TimestepConfig(timestep_sampling="uniform", weighting_scheme=scheme)
     with torch.no_grad():
         loss, sigmas = micro_batch_loss(
-            get_architecture(arch_name), ours, FixedBatch(batch), _items(batch), _generators(), config, scheme,
-            torch.device("cpu"), contextlib.nullcontext,
+            get_architecture(arch_name), ours, FixedBatch(batch), _items(batch), _generators(), config,
+            scheme, torch.device("cpu"), contextlib.nullcontext,
         )
     reference_fn = _qwen_reference if arch_name == "qwen_image" else _zimage_reference
     expected, expected_sigmas = reference_fn(reference, batch, config, scheme)

@@ -1,4 +1,7 @@
-"""Optimizers of --optimizer_type/--optimizer_args and LR curves of --lr_scheduler* (docs/design.md, "Learning-rate schedulers")."""
+"""Optimizers of --optimizer_type/--optimizer_args and LR curves of --lr_scheduler*.
+
+See docs/design.md, "Learning-rate schedulers".
+"""
 
 from __future__ import annotations
 

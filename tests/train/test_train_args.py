@@ -1,4 +1,7 @@
-"""Training-script flags: Musubi defaults, --config_file precedence, and rejected combinations (docs/training.md)."""
+"""Training-script flags: Musubi defaults, --config_file precedence, and rejected combinations.
+
+See docs/training.md.
+"""
 
 from __future__ import annotations
 

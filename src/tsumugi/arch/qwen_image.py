@@ -1,9 +1,10 @@
-"""Qwen-Image family (Qwen-Image, 2512; Edit variants plug in here later).
+"""Qwen-Image family (Qwen-Image, 2512, Edit, Edit-2509, Edit-2511).
 
-Facts (``docs/design.md``, "Latents and packing" to "Classifier-free guidance"): DiT predicts ``noise - x0`` from the packed latent sequence with time input
-``sigma``; latents are normalised per channel with the VAE's ``latents_mean``/``latents_std``; packing is
-2x2, channel-major inside a token; sampling uses the dynamic (resolution) shift with a terminal sigma of
-0.02 and "true CFG" with a per-token norm rescale.
+Facts (``docs/design.md``, sections "Latents and packing" to "Classifier-free guidance"): the DiT
+predicts ``noise - x0`` from the packed latent sequence with time input ``sigma``; latents are
+normalised per channel with the VAE's ``latents_mean``/``latents_std``; packing is 2x2, channel-major
+inside a token; sampling uses the dynamic (resolution) shift with a terminal sigma of 0.02 and "true
+CFG" with a per-token norm rescale.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Z-Image (Turbo, De-Turbo, Base).
 
-Facts (``docs/design.md``, "Latents and packing" to "Classifier-free guidance"): the DiT takes a list of (C, 1, h, w) latents and a list of caption
-embeddings, time input ``1 - sigma``, and predicts ``x0 - noise`` (negated here into a velocity).
+Facts (``docs/design.md``, sections "Latents and packing" to "Classifier-free guidance"): the DiT
+takes a list of (C, 1, h, w) latents and a list of caption embeddings, time input ``1 - sigma``, and
+predicts ``x0 - noise`` (negated here into a velocity).
 The FLUX-style VAE latents are scaled ``(z - 0.1159) * 0.3611``. Sampling uses a static shift
 (default 3.0) and plain CFG ``cond + g * (cond - uncond)`` whenever ``g > 0``.
 """

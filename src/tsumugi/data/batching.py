@@ -1,4 +1,6 @@
-"""Group items into batches: one dataset, one bucket, same control sizes and layer count (``docs/design.md``, "Dataset items and batches").
+"""Group items into batches: one dataset, one bucket, same control sizes and layer count.
+
+See ``docs/design.md``, "Dataset items and batches".
 
 Batch key = (dataset index, target bucket (W, H), every control's resized size (W, H) in order, number
 of targets). Musubi keys on bucket and control sizes only; tsumugi adds the number of targets so that

@@ -1,4 +1,6 @@
-"""Aspect-ratio buckets, bucket assignment and resize-to-bucket (``docs/design.md``, "Buckets and control images").
+"""Aspect-ratio buckets, bucket assignment and resize-to-bucket.
+
+See ``docs/design.md``, "Buckets and control images".
 
 Sizes are (width, height) everywhere in this module.
 

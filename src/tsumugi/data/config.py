@@ -1,8 +1,8 @@
 """Musubi-format dataset configs (``.toml`` or ``.json``) -> validated :class:`DatasetConfig` objects.
 
-Reads exactly what Musubi Tuner reads (``docs/design.md``, "Dataset items and batches"): ``[general]`` plus ``[[datasets]]``,
-the same keys, deprecated key renames, and the value fallback dataset table -> ``[general]`` ->
-same-named non-None attribute of the script's argparse namespace -> default.
+Reads exactly what Musubi Tuner reads (``docs/design.md``, "Dataset items and batches"): ``[general]``
+plus ``[[datasets]]``, the same keys, deprecated key renames, and the value fallback dataset table ->
+``[general]`` -> same-named non-None attribute of the script's argparse namespace -> default.
 
 Differences from Musubi, none of which changes how a config that works with Musubi is read:
 
@@ -445,7 +445,9 @@ def _build_one(
     )
     if cache_directory is None:
         return None
-    control_directory = _check_controls(where, architecture, known, control_directory, image_jsonl_file, problems)
+    control_directory = _check_controls(
+        where, architecture, known, control_directory, image_jsonl_file, problems
+    )
     _check_architecture_needs(where, architecture, values, image_directory, problems)
     _check_resolution(where, values, problems)
     caption_extension = _caption_extension(where, values, image_directory, problems)

@@ -1,4 +1,6 @@
-"""The training items of one dataset: target image(s), caption, control images (``docs/design.md``, "Dataset items and batches").
+"""The training items of one dataset: target image(s), caption, control images.
+
+See ``docs/design.md``, "Dataset items and batches".
 
 Directory form: images (``.png .jpg .jpeg .webp .bmp .avif``, any letter case, plus ``.jxl`` when
 ``pillow_jxl`` is installed; hidden files and subfolders ignored) with ``<stem><caption_extension>``

@@ -61,7 +61,8 @@ weights must be frozen (LoRA training, generation). Blocks with trainable weight
 stream wait for their load immediately, so an optimizer step never reads a copy in flight.
 
 Not handled here: gradients of trainable swapped weights stay on the device while the weight is
-offloaded (``--fused_backward_pass`` or optimizer param patching, ``docs/design.md``, "Memory: block swap and fp8").
+offloaded (``--fused_backward_pass`` or optimizer param patching; ``docs/design.md``, "Memory: block
+swap and fp8").
 
 Testing on CPU
 --------------

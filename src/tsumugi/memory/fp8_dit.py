@@ -1,13 +1,14 @@
 """float8 DiT weights for ``--fp8_base`` / ``--fp8_scaled`` (training) and ``--fp8`` (generation).
 
-Facts: ``docs/design.md``, "Memory: block swap and fp8". :func:`quantize_dit_fp8` turns the selected ``nn.Linear`` layers of a
-Qwen-Image or Z-Image DiT into :class:`Fp8DitLinear` in place (same module object, class swapped, so
-it stays an ``nn.Linear``: LoRA target selection, block swap and the merge code keep recognising it):
+Facts: ``docs/design.md``, "Memory: block swap and fp8". :func:`quantize_dit_fp8` turns the selected
+``nn.Linear`` layers of a Qwen-Image or Z-Image DiT into :class:`Fp8DitLinear` in place (same module
+object, class swapped, so it stays an ``nn.Linear``: LoRA target selection, block swap and the merge
+code keep recognising it):
 
 - ``weight`` becomes a frozen ``float8_e4m3fn`` Parameter of the same shape;
 - ``scaled=False`` (``--fp8_base`` alone): a plain saturating cast, no scale; ``scale_weight`` is None;
-- ``scaled=True`` (``--fp8_scaled``): block-wise scales, one per (output row,
-  ``block_size`` input columns), buffer ``scale_weight`` of shape ``[out, in / block_size, 1]``; a layer
+- ``scaled=True`` (``--fp8_scaled``): block-wise scales, one per (output row, ``block_size`` input
+  columns), buffer ``scale_weight`` of shape ``[out, in / block_size, 1]``; a layer
   whose ``in`` is not a multiple of ``block_size`` (or ``block_size=None``) gets one scale per output
   row, ``[out, 1]``. Scale = ``absmax / 448`` (fp32 math), rounded to and stored in the weight's source
   dtype; the weight is divided by that rounded scale, so storage adds no error beyond the fp8 rounding.

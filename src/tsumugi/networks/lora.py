@@ -264,8 +264,8 @@ class LoRANetwork(nn.Module):
     """LoRA modules for the selected Linears of ``dit``; the DiT itself is only wrapped, never modified.
 
     ``rank``/``alpha`` apply to every module unless ``module_dims`` (``{lora_name: (rank, alpha)}``, e.g.
-    from :func:`tsumugi.networks.lora_factory.module_dims_from_file`) is given: then exactly the targets named there are created,
-    each with its own rank and alpha. ``include_patterns``/``exclude_patterns`` are used as given (the
+    from :func:`tsumugi.networks.lora_factory.module_dims_from_file`) is given: then exactly the targets
+    named there are created, each with its own rank and alpha. ``include_patterns``/``exclude_patterns`` are used as given (the
     architecture factories add their default excludes). Call :meth:`apply_to` to activate.
     """
 

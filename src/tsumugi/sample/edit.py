@@ -1,6 +1,7 @@
 """Qwen-Image-Edit at inference: control-image sizing, control latents, inpainting mask and RCM.
 
-Control sizing (``docs/design.md``, "Edit inference: control sizing, inpainting mask, RCM") goes through the resize functions of :mod:`tsumugi.data.buckets`,
+Control sizing (``docs/design.md``, "Edit inference: control sizing, inpainting mask, RCM") goes
+through the resize functions of :mod:`tsumugi.data.buckets`,
 the ones caching and training samples use, so one control image gives the same tensors on every path:
 
 * ``official`` (``--resize_control_to_official_size``): VAE/DiT input
@@ -10,10 +11,10 @@ the ones caching and training samples use, so one control image gives the same t
 * ``native`` (neither flag): VAE input ``bucket_for_area(size, size)`` (a multiple-of-16 bucket of its own
   area), VL input the image at its native size.
 
-Inpainting (``--mask_path``) and the Reference Consistency Mask (RCM), described in the same section, pin regions of the
-latent to the first control's latent re-noised to the current noise level. Both run through the sampler's
-``step_callback`` (called before each step); :meth:`ReferenceBlend.finish` applies the last step's blend
-after the sampler returns.
+Inpainting (``--mask_path``) and the Reference Consistency Mask (RCM), described in the same section,
+pin regions of the latent to the first control's latent re-noised to the current noise level. Both run
+through the sampler's ``step_callback`` (called before each step); :meth:`ReferenceBlend.finish`
+applies the last step's blend after the sampler returns.
 """
 
 from __future__ import annotations
@@ -203,7 +204,8 @@ class ReferenceBlend:
         return latents - (1 - keep) * (before - noisy)
 
     def rcm_mask(self, step: int, latents: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
-        """The RCM mask of one step (blur, difference, threshold, resize, dilate): (1, N, 1) mask, 1 = keep generating, 0 = pin to the noisy reference."""
+        """The RCM mask of one step (blur, difference, threshold, resize, dilate), shape (1, N, 1):
+        1 = keep generating, 0 = pin to the noisy reference."""
         from tsumugi.arch.qwen_image import unpack_latents
 
         rcm, g = self.rcm, self.geometry

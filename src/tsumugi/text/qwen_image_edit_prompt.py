@@ -1,4 +1,6 @@
-"""Qwen-Image-Edit prompt encoding: caption plus control images through Qwen2.5-VL (``docs/design.md``, "Prompt encoding").
+"""Qwen-Image-Edit prompt encoding: caption plus control images through Qwen2.5-VL.
+
+Facts: ``docs/design.md``, "Prompt encoding".
 
 * ``edit``: the edit template, whose user turn starts with one ``<|vision_start|><|image_pad|><|vision_end|>``;
   only the first control image is used (a warning names prompts with more).

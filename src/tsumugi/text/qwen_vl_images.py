@@ -1,7 +1,8 @@
 """Image input of the Qwen2.5-VL text encoder (the vision tower), without torchvision.
 
 Our own implementation of what transformers' ``Qwen2VLImageProcessor`` does for still images (see
-``docs/design.md``, "Prompt encoding"), with the settings of the Qwen2.5-VL / Qwen-Image-Edit processor config:
+``docs/design.md``, "Prompt encoding"), with the settings of the Qwen2.5-VL / Qwen-Image-Edit processor
+config:
 
 1. convert to RGB (transparent pixels are composited onto white, as transformers does);
 2. "smart resize" (PIL bicubic) to the nearest size whose sides are multiples of ``patch_size * merge_size``
@@ -16,8 +17,8 @@ Every image gives one ``image_grid_thw`` row ``(1, H / 14, W / 14)`` and ``H * W
 language model (one per merged 2x2 group).
 
 :func:`vl_input_size` is the size a control image is resized to *before* this processing in the training
-pipeline (Musubi: ``bucket_for_area(size, 384x384)`` with step 16, ``docs/design.md``, "Buckets and control images");
-callers resize, this module only snaps to the 28-grid.
+pipeline (Musubi: ``bucket_for_area(size, 384x384)`` with step 16; ``docs/design.md``, "Buckets and
+control images"); callers resize, this module only snaps to the 28-grid.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Learning-rate scheduler from the ``--lr_scheduler*`` flags (``docs/design.md``, "Learning-rate schedulers").
+"""Learning-rate scheduler from the ``--lr_scheduler*`` flags.
+
+Facts: ``docs/design.md``, "Learning-rate schedulers".
 
 Every scheduler is a ``torch.optim.lr_scheduler.LRScheduler``; the LR used for the ``k``-th scheduler
 step (``k = 0`` before the first ``step()``) is ``base_lr * f(k)`` with, for ``W`` warmup steps, ``N``

@@ -87,7 +87,9 @@ def _is_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class TimestepConfig:
-    """The timestep-sampling flags (``docs/training.md``); validated on construction (raises :class:`UserError`)."""
+    """The timestep-sampling flags (``docs/design.md``, "Training timestep sampling").
+
+    Validated on construction (raises :class:`UserError`)."""
 
     timestep_sampling: str = "sigma"
     discrete_flow_shift: float = 1.0
