@@ -265,8 +265,9 @@ class LoRANetwork(nn.Module):
 
     ``rank``/``alpha`` apply to every module unless ``module_dims`` (``{lora_name: (rank, alpha)}``, e.g.
     from :func:`tsumugi.networks.lora_factory.module_dims_from_file`) is given: then exactly the targets
-    named there are created, each with its own rank and alpha. ``include_patterns``/``exclude_patterns`` are used as given (the
-    architecture factories add their default excludes). Call :meth:`apply_to` to activate.
+    named there are created, each with its own rank and alpha. ``include_patterns``/``exclude_patterns``
+    are used as given (the architecture factories add their default excludes). Call :meth:`apply_to` to
+    activate.
     """
 
     def __init__(
