@@ -166,3 +166,14 @@ def test_help_texts_examples():
     assert "default casts to 16-bit; not supported yet; refused --disable_numpy_memmap no effect" in text
     assert help_text(_action("zimage_train_network", "huggingface_token"), REFUSED_FLAGS).endswith("refused")
     assert "(default: 25)" in help_text(_action("zimage_generate_image", "infer_steps"), {})
+
+
+def test_demo_help_is_plain_text(capsys):
+    from tsumugi.demo import main as demo_main
+
+    with pytest.raises(SystemExit) as done:
+        demo_main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "End-to-end demo" in text and "(default: 30)" in text
+    assert not re.search(r"`|\*\*|^#|\[[^\]]*\]\(", text, re.MULTILINE), text
