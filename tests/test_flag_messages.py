@@ -48,5 +48,5 @@ def test_image_size_error_names_image_size(tiny_sets, tmp_path, capsys):
     err = _error(capsys, "zimage", ["--dit", str(files["dit"]), "--vae", str(files["vae"]), "--text_encoder",
                                     str(files["text_encoder"]), "--prompt", "x", "--save_path", str(tmp_path),
                                     "--image_size", "100", "72"])
-    assert err == ("error: --image_size 100 72: height and width must be positive multiples of 16 "
+    assert err == ("error: --image_size 100 72: height and width must each be a positive multiple of 16 "
                    "(e.g. --image_size 96 80)")
