@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from tsumugi.cli.flag_notes import HelpFormatter
 from tsumugi.qwen_image_cache_latents import main as qwen_cache_latents
 from tsumugi.qwen_image_cache_text_encoder_outputs import main as qwen_cache_text
 from tsumugi.qwen_image_generate_image import main as qwen_generate
@@ -25,6 +26,13 @@ from tsumugi.zimage_cache_text_encoder_outputs import main as zimage_cache_text
 from tsumugi.zimage_generate_image import main as zimage_generate
 from tsumugi.zimage_train_network import main as zimage_train
 
+DESCRIPTION = (
+    "End-to-end demo on tiny random models, on the CPU. For Qwen-Image and Z-Image it writes model files in "
+    "the ComfyUI layout and an image dataset with captions and a Musubi dataset TOML, caches latents and "
+    "text-encoder outputs, trains a LoRA (with sample images during training), then generates images from a "
+    "prompt file with and without the LoRA. The images look like noise (the weights are random); the point "
+    "is that every stage runs for real. Output: OUTPUT/<model>/ with images/, lora/, lora/sample/ and logs/."
+)
 PROMPTS = """# prompt --w WIDTH --h HEIGHT --d SEED --s STEPS --g GUIDANCE --n NEGATIVE
 a red fox in the snow, watercolor --w 128 --h 96 --d 1 --s 6
 a lighthouse at dusk --w 96 --h 128 --d 2 --s 6 --g 3.0 --n blurry
@@ -72,7 +80,7 @@ def run_demo(output: Path, steps: int = 30) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsumugi.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tsumugi.demo", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--output", default="demo_output", help="folder for models, data, LoRAs and images")
     parser.add_argument("--steps", type=int, default=30, help="LoRA training steps per model")
     args = parser.parse_args(argv)

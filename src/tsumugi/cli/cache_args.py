@@ -17,9 +17,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep_cache", action="store_true", help="do not delete caches of removed images")
     parser.add_argument("--debug_mode", choices=["image", "console", "video"], default=None,
                         help="preview buckets and crops (summary + contact-sheet PNG) instead of caching")
-    parser.add_argument("--console_width", type=int, default=80, help="accepted for Musubi")
-    parser.add_argument("--console_back", default=None, help="accepted for Musubi")
-    parser.add_argument("--console_num_images", type=int, default=None, help="accepted for Musubi")
+    parser.add_argument("--console_width", type=int, default=80, help="see tsumugi.cli.flag_notes")
+    parser.add_argument("--console_back", default=None, help="see tsumugi.cli.flag_notes")
+    parser.add_argument("--console_num_images", type=int, default=None, help="see tsumugi.cli.flag_notes")
     parser.add_argument("--disable_cudnn_backend", action="store_true", help="torch.backends.cudnn.enabled=False")
 
 
@@ -27,11 +27,12 @@ def build_cache_latents_parser(arch: Architecture) -> argparse.ArgumentParser:
     parser = UserErrorParser(prog=f"{arch.name}_cache_latents", description=f"{arch.display_name} latent caching.")
     _common(parser)
     parser.add_argument("--vae", default=None, help="VAE file or folder (required unless --debug_mode)")
-    parser.add_argument("--vae_dtype", default=None, help="Qwen-Image: not allowed; Z-Image: ignored (fp32)")
+    parser.add_argument("--vae_dtype", default=None, help="Qwen-Image: refused; Z-Image: no effect (warns); the VAE "
+                        "runs in float32")
     if arch.name == "qwen_image":
         add_model_version_flags(parser)
         for flag in ("--vae_tiling", "--vae_chunk_size", "--vae_spatial_tile_sample_min_size"):
-            parser.add_argument(flag, nargs="?", const=True, default=None, help="HunyuanVideo flag; ignored")
+            parser.add_argument(flag, nargs="?", const=True, default=None, help="see tsumugi.cli.flag_notes")
     return parser
 
 

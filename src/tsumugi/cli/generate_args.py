@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from tsumugi.arch.base import Architecture
+from tsumugi.cli.flag_notes import HelpFormatter, warn_no_op_flags
 from tsumugi.errors import UserError
 
 # --compile and its options (docs/training.md, "Memory options"), shared by the training and generate scripts.
@@ -15,7 +17,7 @@ COMPILE_FLAGS: list[tuple[str, dict]] = [
                         "choices": ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]}),
     ("--compile_dynamic", {"type": str, "default": None, "choices": ["true", "false", "auto"],
                            "help": "torch.compile dynamic shapes (default auto)"}),
-    ("--compile_fullgraph", {"action": "store_true", "help": "torch.compile fullgraph (not with --split_attn)"}),
+    ("--compile_fullgraph", {"action": "store_true", "help": "torch.compile fullgraph (training: not with split attention)"}),
     ("--compile_cache_size_limit", {"type": int, "default": None, "help": "torch._dynamo cache size limit"}),
 ]
 
@@ -24,7 +26,19 @@ MODEL_VERSIONS = ("original", "edit", "edit-2509", "edit-2511", "layered")
 
 
 class UserErrorParser(argparse.ArgumentParser):
-    """argparse whose usage errors are :class:`UserError` (one line, no traceback, exit status 2)."""
+    """argparse whose usage errors are :class:`UserError` (one line, no traceback, exit status 2), whose
+    ``--help`` states defaults, ``required`` and no-op or refused flags, and which warns once for each
+    no-op flag given (:mod:`tsumugi.cli.flag_notes`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._warned_no_ops: set[str] = set()
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = super().parse_known_args(args, namespace)
+        warn_no_op_flags(self, parsed, self._warned_no_ops)
+        return parsed, extras
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(f"{self.prog}: {message}")
@@ -37,42 +51,47 @@ def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
         allow_abbrev=True,
     )
     models = parser.add_argument_group("models")
-    models.add_argument("--dit", help="DiT: ComfyUI single file, first shard of a split set, or diffusers folder")
-    models.add_argument("--vae", help="VAE: single file (ComfyUI/original or diffusers keys) or diffusers folder")
-    models.add_argument("--text_encoder", help="text encoder: single file, first shard, or diffusers folder")
+    models.add_argument("--dit", help="DiT: ComfyUI single file, first shard of a split set, or diffusers folder; required")
+    models.add_argument("--vae", help="VAE: single file (ComfyUI/original or diffusers keys) or diffusers folder; required "
+                        "unless --output_type latent")
+    models.add_argument("--text_encoder", help="text encoder: single file, first shard, or diffusers folder; required")
     models.add_argument("--tokenizer", help="tokenizer folder (or hub id) overriding the bundled tokenizer files")
     models.add_argument("--lora_weight", nargs="*", default=None, help="LoRA files merged into the DiT")
     models.add_argument("--lora_multiplier", nargs="*", type=float, default=None, help="one per LoRA (1.0)")
-    models.add_argument("--include_patterns", nargs="*", default=None, help="per-LoRA regex of modules to merge")
-    models.add_argument("--exclude_patterns", nargs="*", default=None, help="per-LoRA regex of modules to skip")
+    models.add_argument("--include_patterns", nargs="*", default=None, help="one regex per LoRA: merge only the modules it matches")
+    models.add_argument("--exclude_patterns", nargs="*", default=None, help="one regex per LoRA: skip the modules it matches")
     if arch.name == "qwen_image":
         add_model_version_flags(models)
         add_edit_flags(parser)
 
     prompt = parser.add_argument_group("prompt and sampling")
-    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt", help="prompt text (this, --from_file or --latent_path is required)")
     prompt.add_argument(
         "--negative_prompt", default=None, help=f"negative prompt (default {arch.default_negative_prompt!r})"
     )
-    prompt.add_argument("--from_file", help="prompt file, one prompt per line with --w --h --s --d --g --n --fs")
+    prompt.add_argument("--from_file", help="prompt file, one prompt per line; per-line options (w, h, s, d, g, n, fs) are written with "
+                        "two hyphens after the prompt, as in Musubi")
     prompt.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                        help="output size (default: the first control's VAE size for edit, else 256 256)")
-    prompt.add_argument("--infer_steps", type=int, default=25)
-    prompt.add_argument("--guidance_scale", type=float, default=arch.default_guidance_scale)
+                        help="output height and width, positive multiples of 16 (default: the first control's VAE size "
+                        "for edit, else 256 256)")
+    prompt.add_argument("--infer_steps", type=int, default=25, help="denoising steps")
+    prompt.add_argument("--guidance_scale", type=float, default=arch.default_guidance_scale,
+                        help="classifier-free guidance scale")
     shift_help = "static flow shift (default: resolution-dependent)" if arch.default_flow_shift is None else (
         f"static flow shift (default {arch.default_flow_shift})"
     )
     prompt.add_argument("--flow_shift", type=float, default=None, help=shift_help)
     prompt.add_argument("--seed", type=int, default=None, help="random when omitted")
-    prompt.add_argument("--embedded_cfg_scale", type=float, default=None, help="accepted for Musubi; unused")
+    prompt.add_argument("--embedded_cfg_scale", type=float, default=None, help="see tsumugi.cli.flag_notes")
     if arch.name == "zimage":
         prompt.add_argument(
-            "--cpu_noise", action="store_true", help="accepted for Musubi; noise is always drawn on the CPU"
+            "--cpu_noise", action="store_true", help="see tsumugi.cli.flag_notes"
         )
 
     output = parser.add_argument_group("output")
-    output.add_argument("--save_path", help="output folder")
-    output.add_argument("--output_type", default="images", choices=OUTPUT_TYPES)
+    output.add_argument("--save_path", help="output folder; required")
+    output.add_argument("--output_type", default="images", choices=OUTPUT_TYPES,
+                        help="PNG images, latent files, or both (latent_images = both)")
     output.add_argument("--no_metadata", action="store_true", help="no settings in saved latent files")
     output.add_argument("--latent_path", nargs="*", default=None, help="decode saved latent files only")
 
@@ -89,7 +108,7 @@ def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
     device.add_argument("--vae_cpu", action="store_true", help="decode with the VAE on the CPU (saves GPU memory)")
     for name, kwargs in COMPILE_FLAGS:
         device.add_argument(name, **kwargs)
-    device.add_argument("--attn_mode", default="torch", help="torch|sdpa|flash|xformers|sageattn")
+    device.add_argument("--attn_mode", default="torch", help="attention: torch (= sdpa), flash, xformers or sageattn")
     device.add_argument("--text_encoder_cpu", action="store_true", help="run the text encoder on the CPU")
     return parser
 

@@ -32,9 +32,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tsumugi.cli.flag_notes import HelpFormatter
 from tsumugi.cli.generate_args import COMPILE_FLAGS, MODEL_VERSIONS, UserErrorParser, resolve_model_version
 from tsumugi.cli.train_config_file import parse_train_args  # noqa: F401  (re-exported)
 from tsumugi.errors import UserError
+from tsumugi.train.accelerator_options import validate_logging_flags
 from tsumugi.train.lr_schedulers import LR_SCHEDULERS, steps_or_ratio
 from tsumugi.train.optimizers import (
     is_schedule_free,
@@ -69,13 +71,15 @@ ATTENTION_FLAGS = (("sdpa", "torch"), ("flash_attn", "flash"), ("sage_attn", "sa
 DIT_BLOCKS = {"qwen_image": 60, "zimage": 30}
 MAX_BLOCKS_TO_SWAP = {"qwen_image": 59, "zimage": 28}
 SCRIPT_SUFFIX = {True: "train_network", False: "train"}
+NETWORK_MODULES = {"qwen_image": "networks.lora_qwen_image", "zimage": "networks.lora_zimage"}
+DISPLAY_NAMES = {"qwen_image": "Qwen-Image", "zimage": "Z-Image"}
 
 
 # ---------------------------------------------------------------------------------------------- parser
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Leaves the ``--kebab-case`` aliases out of ``--help``."""
+class _HelpFormatter(HelpFormatter):
+    """Also leaves the ``--kebab-case`` aliases out of ``--help``."""
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
         shown = [s for s in action.option_strings if not _is_hyphen_alias(s, action.option_strings)]
@@ -143,7 +147,7 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
     _add(g, "--dit", type=str, default=None, help="DiT checkpoint (single file, first shard or diffusers folder); required")
     _add(g, "--vae", type=str, default=None, help="VAE checkpoint (needed for sample images)")
     _add(g, "--vae_dtype", type=str, default=None,
-         help="VAE dtype (Qwen-Image: bfloat16 when omitted)" if qwen else "ignored: the Z-Image VAE runs in float32")
+         help="no effect (warns): the VAE that decodes sample images runs in float32")
     te = "Qwen2.5-VL" if qwen else "Qwen3"
     _add(g, "--text_encoder", type=str, default=None, help=f"{te} text encoder (only to encode sample prompts)")
     _add(g, "--tokenizer", "--tokenizer_path", type=str, default=None,
@@ -163,7 +167,7 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
         _flag(g, "--fp8_llm", "fp8 Qwen3 for sample-prompt encoding")
         _flag(g, "--use_32bit_attention",
               "keep q/k in float32 into attention (original behaviour); default casts to 16-bit")
-    _flag(g, "--disable_numpy_memmap", "read weights with plain file reads instead of memory mapping")
+    _flag(g, "--disable_numpy_memmap", "see tsumugi.cli.flag_notes")
 
     g = parser.add_argument_group("attention (none given: --sdpa)")
     _flag(g, "--sdpa", "PyTorch scaled_dot_product_attention (default)")
@@ -176,8 +180,8 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
     g = parser.add_argument_group("training loop")
     _add(g, "--max_train_steps", type=int, default=1600, help="optimizer steps (default 1600)")
     _add(g, "--max_train_epochs", type=int, default=None, help="epochs; overrides --max_train_steps")
-    _add(g, "--max_data_loader_n_workers", type=int, default=8, help="DataLoader workers (capped at CPU count)")
-    _flag(g, "--persistent_data_loader_workers", "keep DataLoader workers between epochs")
+    _add(g, "--max_data_loader_n_workers", type=int, default=8, help="see tsumugi.cli.flag_notes")
+    _flag(g, "--persistent_data_loader_workers", "see tsumugi.cli.flag_notes")
     _add(g, "--seed", type=int, default=None, help="random seed (random when omitted)")
     _flag(g, "--gradient_checkpointing", "recompute block activations in the backward pass")
     _flag(g, "--gradient_checkpointing_cpu_offload", "offload checkpointed activations to the CPU")
@@ -185,8 +189,10 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
     _add(g, "--mixed_precision", type=str, default=None, choices=MIXED_PRECISIONS,
          help="default: accelerate's --mixed_precision (ACCELERATE_MIXED_PRECISION), else no")
     _add(g, "--save_precision", type=str, default=None, choices=["float", "fp32", "fp16", "bf16"],
-         help="dtype of saved weights (default fp32; bf16 with --full_bf16)")
-    _add(g, "--guidance_scale", type=float, default=1.0, help="recorded in metadata only (HunyuanVideo flag)")
+         help="dtype of saved weights (default fp32)" if network else
+         "dtype of saved weights (default: the training dtype, fp32 or bf16 with --full_bf16)")
+    _add(g, "--guidance_scale", type=float, default=1.0,
+         help="written to the metadata as ss_guidance_scale only; training does not use it (Musubi's HunyuanVideo flag)")
     _add(g, "--show_timesteps", type=str, default=None, choices=["image", "console"],
          help="show the sampled-timestep distribution and exit")
 
@@ -218,8 +224,8 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
          help="key=value scheduler arguments as Python literals (rex_alpha=0.1 rex_beta=0.9)")
 
     g = parser.add_argument_group("saving and resuming")
-    _add(g, "--output_dir", type=str, default=None, help="output folder")
-    _add(g, "--output_name", type=str, default=None, help="base name of the saved files")
+    _add(g, "--output_dir", type=str, default=None, help="output folder; required")
+    _add(g, "--output_name", type=str, default=None, help="base name of the saved files; required")
     _add(g, "--resume", type=str, default=None, help="state folder to resume from")
     _add(g, "--save_every_n_epochs", type=int, default=None, help="save a checkpoint every N epochs")
     _add(g, "--save_every_n_steps", type=int, default=None, help="save a checkpoint every N steps")
@@ -230,7 +236,7 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
     _flag(g, "--save_state", "also save the training state (optimizer, scheduler, RNG) with each checkpoint")
     _flag(g, "--save_state_on_train_end", "save the training state at the end")
     if not network:
-        _flag(g, "--mem_eff_save", "accepted for compatibility: checkpoints are always streamed to disk")
+        _flag(g, "--mem_eff_save", "see tsumugi.cli.flag_notes")
 
     g = parser.add_argument_group("logging")
     _add(g, "--logging_dir", type=str, default=None, help="TensorBoard log folder (enables logging)")
@@ -238,10 +244,13 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
     _add(g, "--log_prefix", type=str, default=None, help="prefix of the run folder name")
     _add(g, "--log_tracker_name", type=str, default=None,
          help="tracker / wandb project name (default " + ("network_train)" if network else "fine-tuning)"))
-    _add(g, "--wandb_run_name", type=str, default=None, help="wandb run name")
-    _add(g, "--log_tracker_config", type=str, default=None, help="TOML of tracker init arguments")
-    _add(g, "--wandb_api_key", type=str, default=None, help="wandb API key")
-    _flag(g, "--log_config", "log the training settings (paths and secrets removed)")
+    _add(g, "--wandb_run_name", type=str, default=None, help="wandb run name (with --log_with wandb or all)")
+    _add(g, "--log_tracker_config", type=str, default=None,
+         help="TOML file of tracker init arguments, one table per tracker ([wandb], [tensorboard]); "
+         "its values win over --wandb_run_name")
+    _add(g, "--wandb_api_key", type=str, default=None,
+         help="wandb API key, used to log in before the run (with --log_with wandb or all)")
+    _flag(g, "--log_config", "send the training settings to the trackers (file paths and secrets left out)")
 
     g = parser.add_argument_group("sample images")
     _add(g, "--sample_prompts", type=str, default=None, help="prompt file (.txt, .toml or .json)")
@@ -268,8 +277,9 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
          help=f"DiT blocks offloaded to the CPU (max {MAX_BLOCKS_TO_SWAP[arch_name]})")
     _flag(g, "--use_pinned_memory_for_block_swap", "pinned host memory for block swap")
     _flag(g, "--block_swap_h2d_only", "LoRA only: copy swapped blocks host-to-device only; needs --gradient_checkpointing")
-    _add(g, "--block_swap_ring_size", type=int, default=2, help="GPU buffers for --block_swap_h2d_only (>= 1)")
-    _flag(g, "--img_in_txt_in_offloading", "HunyuanVideo only; no effect here")
+    _add(g, "--block_swap_ring_size", type=int, default=2,
+         help="with --blocks_to_swap: how many swapped blocks may be on the device at once (>= 2)")
+    _flag(g, "--img_in_txt_in_offloading", "see tsumugi.cli.flag_notes")
     if not network:
         _flag(g, "--full_bf16", "weights and gradients in bfloat16; needs --mixed_precision bf16")
         _flag(g, "--fused_backward_pass", "Adafactor step inside the backward pass, per parameter (works with "
@@ -331,9 +341,10 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
     _flag(g, "--save_state_to_huggingface", "upload states too")
     _flag(g, "--resume_from_huggingface", "--resume is repo_id/path:revision:repo_type")
     _flag(g, "--async_upload", "upload in the background")
-    _add(g, "--ddp_timeout", type=int, default=None, help="DDP timeout in minutes")
-    _flag(g, "--ddp_gradient_as_bucket_view", "DDP gradient_as_bucket_view")
-    _flag(g, "--ddp_static_graph", "DDP static_graph")
+    _add(g, "--ddp_timeout", type=int, default=None,
+         help="timeout in minutes of the process-group setup and collectives (several processes)")
+    _flag(g, "--ddp_gradient_as_bucket_view", "see tsumugi.cli.flag_notes")
+    _flag(g, "--ddp_static_graph", "see tsumugi.cli.flag_notes")
     return parser
 
 
@@ -446,7 +457,11 @@ def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | N
             raise UserError(f"--block_swap_h2d_only is for LoRA training only (frozen base), not for {script}")
         if not args.gradient_checkpointing:
             raise UserError("--block_swap_h2d_only needs --gradient_checkpointing")
-    _positive(args, "block_swap_ring_size")
+    if args.block_swap_ring_size < 2:
+        raise UserError(f"--block_swap_ring_size: must be >= 2 (the block in use and the next one), "
+                        f"got {args.block_swap_ring_size}")
+    if args.block_swap_ring_size != 2 and not args.blocks_to_swap:
+        logger.warning("--block_swap_ring_size has no effect without --blocks_to_swap")
     if args.blocks_to_swap is not None:
         blocks = getattr(args, "num_layers", None) or DIT_BLOCKS[arch]
         limit = blocks - 1 if arch == "qwen_image" else MAX_BLOCKS_TO_SWAP[arch]
@@ -563,6 +578,21 @@ def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | N
                 f"--remove_first_image_from_target needs --model_version layered (got --model_version {version})"
             )
         _positive(args, "num_layers")
-    elif args.vae_dtype is not None:
-        logger.warning("--vae_dtype is ignored for Z-Image (the VAE runs in float32)")
+    if args.vae_dtype is not None:
+        logger.warning("--vae_dtype has no effect: the VAE that decodes sample images runs in float32")
+    if network:
+        _check_network_family(args.network_module, arch)
+    validate_logging_flags(args)
     return args
+
+
+def _check_network_family(module: str, arch: str) -> None:
+    """A network module of the other family fails here, naming the right one (not later, after the
+    DiT is loaded, as "no modules" of the include/exclude patterns)."""
+    name = module.removeprefix("tsumugi.")
+    for other in ARCH_NAMES:
+        if other != arch and name == NETWORK_MODULES[other]:
+            raise UserError(
+                f"--network_module {module} is the {DISPLAY_NAMES[other]} network; {arch}_train_network trains "
+                f"{DISPLAY_NAMES[arch]}: use --network_module {NETWORK_MODULES[arch]}"
+            )

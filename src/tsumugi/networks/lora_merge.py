@@ -89,9 +89,22 @@ def merge_lora_modules(
             weight.data.copy_(merged.to(weight.dtype))
             changed += 1
     if unmatched:
+        _refuse_other_family(source, modules, index)
         shown = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
         raise UserError(f"{source}: {len(unmatched)} LoRA modules match no layer of this DiT ({shown})")
     return changed
+
+
+def _refuse_other_family(source: str, modules: list[LoraModule], index: dict[str, torch.nn.Linear]) -> None:
+    """A LoRA made for the other model family is named as such (the family of each side detected the way
+    ``merge_lora`` does), rather than as modules that match no layer."""
+    from tsumugi.networks.lora_convert import detect_architecture, module_names
+
+    lora_family = detect_architecture(m.name for m in modules)
+    dit_family = detect_architecture(name for name in index if "." in name)
+    if lora_family is not None and dit_family is not None and lora_family != dit_family:
+        raise UserError(f"{source} is a LoRA for {module_names(lora_family).display}, but the DiT is "
+                        f"{module_names(dit_family).display}: use a {module_names(dit_family).display} LoRA")
 
 
 def merge_lora_files(

@@ -210,6 +210,10 @@ def _validate(arch: Architecture, args: argparse.Namespace) -> None:
         return
     if not args.prompt and not args.from_file:
         raise UserError("give --prompt, --from_file or --latent_path")
+    if args.image_size is not None and any(v <= 0 or v % 16 for v in args.image_size):
+        near = " ".join(str(max(16, (v + 8) // 16 * 16)) for v in args.image_size)
+        raise UserError(f"--image_size {' '.join(map(str, args.image_size))}: height and width must each be a positive "
+                        f"multiple of 16 (e.g. --image_size {near})")
     for flag in ("dit", "vae", "text_encoder"):
         if not getattr(args, flag) and not (flag == "vae" and args.output_type == "latent"):
             raise UserError(f"--{flag} is required")

@@ -90,6 +90,7 @@ def lora_metadata(
             ss_timestep_sampling=args.timestep_sampling,
             ss_sigmoid_scale=args.sigmoid_scale,
             ss_discrete_flow_shift=args.discrete_flow_shift,
+            ss_guidance_scale=args.guidance_scale,
             ss_weighting_scheme=args.weighting_scheme,
             ss_logit_mean=args.logit_mean,
             ss_logit_std=args.logit_std,
@@ -108,8 +109,8 @@ def lora_metadata(
         "modelspec.resolution": str(resolution).replace(",", "x"),
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     })
-    for key in ("author", "description", "license", "tags"):
-        value = getattr(args, f"metadata_{key}", None)
+    for key, value in (("author", args.metadata_author), ("description", args.metadata_description),
+                       ("license", args.metadata_license), ("tags", args.metadata_tags)):
         if value:
             meta[f"modelspec.{key}"] = value
     if args.min_timestep is not None or args.max_timestep is not None:

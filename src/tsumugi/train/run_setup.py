@@ -23,6 +23,13 @@ from tsumugi.arch.base import Architecture
 from tsumugi.caching.validate import check_caches
 from tsumugi.data.config import DatasetConfig, load_dataset_config
 from tsumugi.errors import UserError
+from tsumugi.train.accelerator_options import (
+    effective_log_with,
+    kwargs_handlers,
+    prepare_wandb,
+    tracker_config,
+    tracker_init_kwargs,
+)
 from tsumugi.train.cached_data import CachedTrainingData
 from tsumugi.train.checkpoint_hooks import CheckpointHooks
 from tsumugi.train.state import TrainProgress, load_state
@@ -33,20 +40,24 @@ logger = logging.getLogger(__name__)
 COMPUTE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# Flags parsed for command compatibility whose feature is not built yet: refused, never ignored.
-_NOT_YET = {
+# Flags parsed for command compatibility whose feature is not built yet: refused, never ignored
+# (--help says so too, see tsumugi.cli.flag_notes).
+REFUSED_FLAGS = {
     "num_timestep_buckets": "timestep buckets",
     "huggingface_repo_id": "Hugging Face upload", "resume_from_huggingface": "Hugging Face resume",
+    "huggingface_repo_type": "Hugging Face upload", "huggingface_path_in_repo": "Hugging Face upload",
+    "huggingface_token": "Hugging Face upload", "huggingface_repo_visibility": "Hugging Face upload",
+    "save_state_to_huggingface": "Hugging Face upload", "async_upload": "Hugging Face upload",
     "show_timesteps": "--show_timesteps plots", "use_32bit_attention": "32-bit attention",
+    "dynamo_backend": "accelerate dynamo", "dynamo_mode": "accelerate dynamo",
+    "dynamo_fullgraph": "accelerate dynamo", "dynamo_dynamic": "accelerate dynamo",
 }
 
 
 def refuse_unsupported(args: argparse.Namespace) -> None:
     """Raise a :class:`UserError` naming every given flag whose feature tsumugi does not have yet."""
-    given = [f"--{name} ({what})" for name, what in _NOT_YET.items() if getattr(args, name, None)]
-    dynamo = str(getattr(args, "dynamo_backend", "NO") or "NO").upper()
-    if dynamo != "NO":
-        given.append("--dynamo_backend (accelerate dynamo)")
+    given = [f"--{name} ({what})" for name, what in REFUSED_FLAGS.items()
+             if getattr(args, name, None) and (name != "dynamo_backend" or str(args.dynamo_backend).upper() != "NO")]
     if given:
         raise UserError("not supported by tsumugi yet: " + ", ".join(given) + "; remove them to train")
     if getattr(args, "cuda_allow_tf32", False):
@@ -102,14 +113,17 @@ def start_run(arch_name: str, args: argparse.Namespace) -> TrainingRun:
     data = CachedTrainingData(datasets, cached, arch.text_cache_name)
     seed = resolve_seed(args)
 
-    log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
+    log_with = effective_log_with(args)
     if log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
         raise UserError(f"--log_with {log_with} needs the Python package 'wandb': pip install wandb")
     logging_dir = None
     if args.logging_dir:
         logging_dir = Path(args.logging_dir) / f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
+    if log_with in ("wandb", "all"):
+        prepare_wandb(args, logging_dir)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with,
-                              project_dir=str(logging_dir) if logging_dir else None)
+                              project_dir=str(logging_dir) if logging_dir else None,
+                              kwargs_handlers=kwargs_handlers(args))
     return TrainingRun(arch, args, model_version, datasets, data, seed, accelerator, log_with)
 
 
@@ -159,7 +173,8 @@ def load_training_dit(run: TrainingRun, dtype: torch.dtype, *, trainable: bool):
 
         swapper = attach_block_swap(dit, args.blocks_to_swap, device, arch.name, mode="train",
                                     pinned=args.use_pinned_memory_for_block_swap,
-                                    h2d_only=getattr(args, "block_swap_h2d_only", False))
+                                    h2d_only=getattr(args, "block_swap_h2d_only", False),
+                                    slots=args.block_swap_ring_size)
     return dit, swapper
 
 
@@ -218,7 +233,8 @@ def run_training(
     max_steps = args.max_train_steps
     progress = resume_progress(run)
     if run.log_with:
-        accelerator.init_trackers(args.log_tracker_name or tracker_name, config=None)
+        accelerator.init_trackers(args.log_tracker_name or tracker_name, config=tracker_config(args),
+                                  init_kwargs=tracker_init_kwargs(args))
     sampler = None
     if args.sample_prompts:
         from tsumugi.train.sample_prompts import TrainingSampler
