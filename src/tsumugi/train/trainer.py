@@ -1,7 +1,8 @@
 """The flow-matching trainer shared by both families, for LoRA training and full fine-tuning.
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches taken in order from the epoch
-plan. Every random draw (noise, sigma) of an item comes from a generator seeded with (seed, step, item), so
+plan; the last step of an epoch takes what is left of it (fewer micro-batches, its loss averaged over
+those), so an epoch is one pass over the data and never spills into the next. Every random draw (noise, sigma) of an item comes from a generator seeded with (seed, step, item), so
 results do not depend on what ran before: resuming is exact, and a batch of N equals N accumulated
 batches of 1 up to float rounding.
 """
@@ -88,6 +89,7 @@ def data_stream(data: CachedTrainingData, progress: TrainProgress, rank: int, wo
 
 
 def steps_per_epoch(data: CachedTrainingData, world: int, accumulation: int) -> int:
+    """Optimizer steps of one epoch: its last step takes the remaining (possibly fewer) micro-batches."""
     return math.ceil((data.batches_per_epoch() // world) / accumulation)
 
 
@@ -152,22 +154,23 @@ class TrainingLoop:
         share_len = self.data.batches_per_epoch() // acc.num_processes
         while progress.global_step < self.max_steps:
             total, all_sigmas, epoch_ended, seen = 0.0, [], False, Counter()
-            for micro in range(accumulation):
+            count = min(accumulation, share_len - progress.batch_index)  # micro-batches left in this epoch
+            for micro in range(count):
                 epoch, index, items = next(stream)
                 generators = []
                 for item in items:
                     generators.append(item_generator(progress.seed, progress.global_step, item, seen[item]))
                     seen[item] += 1
                 if self.fused is not None:
-                    self.fused.begin_micro_batch(is_last=micro == accumulation - 1)
+                    self.fused.begin_micro_batch(is_last=micro == count - 1)
                 loss, sigmas = micro_batch_loss(
                     self.arch, self.dit, self.data, items, generators, self.timesteps, args.weighting_scheme,
                     acc.device, acc.autocast,
                 )
                 if not torch.isfinite(loss):
                     self.hooks.on_nan(progress, loss.item())
-                acc.backward(loss / accumulation)
-                total += loss.item() / accumulation
+                acc.backward(loss / count)
+                total += loss.item() / count
                 all_sigmas.append(sigmas)
                 if index + 1 >= share_len:
                     progress.epoch, progress.batch_index, epoch_ended = epoch + 1, 0, True

@@ -1,0 +1,89 @@
+"""The training loop at its edges: epochs with gradient accumulation, per-dataset noise, schedule-free
+optimizers, sampling resources, metadata and trackers after a failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from test_train_network import cache_dataset, run
+
+from tsumugi.testing.tiny_dataset import write_tiny_dataset
+from tsumugi.train import trainer
+from tsumugi.train.cached_data import CachedTrainingData
+from tsumugi.train.checkpoint_hooks import CheckpointHooks
+
+
+@pytest.fixture(scope="module")
+def three_items(tiny_sets, tmp_path_factory):
+    """Z-Image: 3 images of one bucket, batch size 1 (3 batches per epoch), cached."""
+    files = tiny_sets("zimage")
+    toml = write_tiny_dataset(tmp_path_factory.mktemp("three"), count=3, sizes=[(64, 64)], batch_size=1)
+    cache_dataset("zimage", toml, files)
+    return toml, files
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def record_steps(monkeypatch) -> tuple[list[list[str]], list[list[float]]]:
+    """Per optimizer step: the cache files loaded and the micro-batch losses (wrapping our own functions)."""
+    steps: list[list[str]] = [[]]
+    losses: list[list[float]] = [[]]
+    load, loss_fn, on_step = CachedTrainingData.load, trainer.micro_batch_loss, CheckpointHooks.on_step
+
+    def recording_load(self, items):
+        steps[-1].extend(i.latent_path.name for i in items)
+        return load(self, items)
+
+    def recording_loss(*args, **kwargs):
+        loss, sigmas = loss_fn(*args, **kwargs)
+        losses[-1].append(loss.item())
+        return loss, sigmas
+
+    def recording_on_step(self, progress, loss, average, sigmas):
+        steps.append([])
+        losses.append([])
+        return on_step(self, progress, loss, average, sigmas)
+
+    monkeypatch.setattr(CachedTrainingData, "load", recording_load)
+    monkeypatch.setattr(trainer, "micro_batch_loss", recording_loss)
+    monkeypatch.setattr(CheckpointHooks, "on_step", recording_on_step)
+    return steps, losses
+
+
+def test_epoch_is_one_pass_with_gradient_accumulation(three_items, tmp_path, monkeypatch):
+    """3 batches, accumulation 2: each epoch is 2 steps (2 micro-batches, then the 1 left), epoch files are
+    written after the epoch's last step, and the short step's loss is the mean over what it accumulated."""
+    toml, files = three_items
+    steps, micro = record_steps(monkeypatch)
+    result = run("zimage", toml, files, tmp_path, "--gradient_accumulation_steps", "2", "--max_train_epochs", "2",
+                 "--save_every_n_epochs", "1")
+    steps, micro = steps[:-1], micro[:-1]
+    assert result.global_step == 4
+    assert [len(s) for s in steps] == [2, 1, 2, 1]
+    names = sorted({n for s in steps for n in s})
+    assert len(names) == 3
+    assert sorted(steps[0] + steps[1]) == names and sorted(steps[2] + steps[3]) == names, steps
+    for step_loss, losses in zip(result.losses, micro):
+        assert step_loss == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    assert _metadata(tmp_path / "lora-000001.safetensors")["ss_steps"] == "2"
+    meta = _metadata(tmp_path / "lora.safetensors")
+    assert meta["ss_steps"] == "4" and meta["ss_epoch"] == "2"
+
+
+def test_resume_across_an_epoch_boundary_with_accumulation(three_items, tmp_path):
+    toml, files = three_items
+    common = ("--gradient_accumulation_steps", "2", "--max_train_epochs", "2", "--network_dropout", "0.1")
+    full = run("zimage", toml, files, tmp_path / "full", *common, "--save_state", "--save_every_n_steps", "1")
+    for step in (1, 2):  # mid-epoch (before the short step) and right at the boundary
+        state = tmp_path / f"full/lora-step{step:08d}-state"
+        resumed = run("zimage", toml, files, tmp_path / f"r{step}", *common, "--resume", str(state))
+        assert resumed.global_step == 4 and resumed.losses == full.losses[step:]
+        a = safe_open(str(tmp_path / "full/lora.safetensors"), "pt")
+        b = safe_open(str(tmp_path / f"r{step}/lora.safetensors"), "pt")
+        for key in a.keys():
+            assert a.get_tensor(key).equal(b.get_tensor(key)), key
