@@ -87,3 +87,28 @@ def test_resume_across_an_epoch_boundary_with_accumulation(three_items, tmp_path
         b = safe_open(str(tmp_path / f"r{step}/lora.safetensors"), "pt")
         for key in a.keys():
             assert a.get_tensor(key).equal(b.get_tensor(key)), key
+
+
+def test_same_image_in_two_datasets_draws_different_noise(tiny_sets, tmp_path, monkeypatch):
+    """One image listed by two dataset entries (each with its own cache): both land in one step (accumulation
+    2) and must get their own noise and sigma, though their cache files have the same name."""
+    files = tiny_sets("zimage")
+    toml = write_tiny_dataset(tmp_path / "ds", count=1, sizes=[(64, 64)])
+    text = toml.read_text()
+    second = text[text.index("[[datasets]]"):].replace(str(tmp_path / "ds/cache"), str(tmp_path / "ds/cache2"))
+    toml.write_text(text + "\n" + second)
+    cache_dataset("zimage", toml, files)
+    drawn: list[tuple[int, str, int, float]] = []
+    loss_fn = trainer.micro_batch_loss
+
+    def recording_loss(arch, dit, data, items, generators, *rest):
+        loss, sigmas = loss_fn(arch, dit, data, items, generators, *rest)
+        drawn.extend((i.dataset_index, i.latent_path.name, g.initial_seed(), float(s))
+                     for i, g, s in zip(items, generators, sigmas))
+        return loss, sigmas
+
+    monkeypatch.setattr(trainer, "micro_batch_loss", recording_loss)
+    run("zimage", toml, files, tmp_path / "o", "--max_train_steps", "1", "--gradient_accumulation_steps", "2")
+    (a, b) = sorted(drawn)
+    assert (a[0], b[0]) == (0, 1) and a[1] == b[1], "the same image (same cache file name) from both datasets"
+    assert a[2] != b[2] and a[3] != b[3], "each dataset entry must draw its own noise and sigma"

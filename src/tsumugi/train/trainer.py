@@ -34,11 +34,14 @@ logger = logging.getLogger(__name__)
 def item_generator(seed: int, step: int, item: CachedItem, occurrence: int) -> torch.Generator:
     """The CPU generator of one item in one optimizer step.
 
-    Keyed by the item (its cache file) rather than its position, so the same step draws the same noise
-    and sigma for an item whether it comes in a batch of N or in N accumulated batches of 1, and a
-    resumed run draws exactly what an uninterrupted one would.
+    Keyed by the item (its dataset's index in the config and its cache file's name, unique within that
+    dataset) rather than its position, so the same step draws the same noise and sigma for an item
+    whether it comes in a batch of N or in N accumulated batches of 1, and a resumed run draws exactly
+    what an uninterrupted one would. The same image in two datasets draws differently, and so does each
+    repeat of an item within one step (``occurrence``).
     """
-    digest = hashlib.sha256(f"{seed}:{step}:{item.latent_path.name}:{occurrence}".encode()).digest()
+    key = f"{seed}:{step}:{item.dataset_index}:{item.latent_path.name}:{occurrence}"
+    digest = hashlib.sha256(key.encode()).digest()
     return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
