@@ -3,6 +3,7 @@ optimizers, sampling resources, metadata and trackers after a failure."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,55 @@ def test_same_image_in_two_datasets_draws_different_noise(tiny_sets, tmp_path, m
     (a, b) = sorted(drawn)
     assert (a[0], b[0]) == (0, 1) and a[1] == b[1], "the same image (same cache file name) from both datasets"
     assert a[2] != b[2] and a[3] != b[3], "each dataset entry must draw its own noise and sigma"
+
+
+@pytest.mark.parametrize("name", ["AdamWScheduleFree", "SGDScheduleFree", "RAdamScheduleFree"])
+def test_schedule_free_trains_and_saves_the_averaged_weights(name, three_items, tmp_path):
+    """The real ``schedulefree`` optimizers: training runs, and the saved LoRA holds the eval-mode (averaged)
+    weights, computed here by loading the end state into a fresh network and optimizer and calling eval()."""
+    import torch
+
+    from tsumugi.models.loader import load_dit
+    from tsumugi.networks import lora_zimage
+    from tsumugi.train.optimizers import create_optimizer
+
+    toml, files = three_items
+    lr = "0.5" if name == "SGDScheduleFree" else "1e-2"
+    # RAdam's rectification holds the weights still for the first steps: 6 steps move them
+    result = run("zimage", toml, files, tmp_path, "--optimizer_type", name, "--learning_rate", lr,
+                 "--max_train_steps", "6", "--save_every_n_steps", "2", "--save_state_on_train_end")
+    assert result.global_step == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+
+    def network():
+        dit = load_dit(str(files["dit"]), "zimage", dtype=torch.float32)
+        net = lora_zimage.create_network(dit, 4, 2.0, None, None)
+        net.apply_to()
+        return net
+
+    state = tmp_path / "lora-state"
+    trained = network()
+    trained.load_state_dict(torch.load(state / "custom_checkpoint_0.pkl", weights_only=True))
+    args = argparse.Namespace(optimizer_type=name, optimizer_args=None, learning_rate=float(lr))
+    optimizer, _ = create_optimizer(args, trained.prepare_optimizer_params(float(lr), None))
+    optimizer.load_state_dict(torch.load(state / "optimizer.bin", weights_only=True))
+    assert all(group["train_mode"] for group in optimizer.param_groups), "the state is saved in train mode"
+    train_mode = {k: v.clone() for k, v in trained.state_dict().items()}
+    optimizer.eval()
+    averaged = trained.state_dict()
+    saved = network()
+    saved.load_weights(str(result.path))
+    moved = [k for k in averaged if not torch.equal(averaged[k], train_mode[k])]
+    assert moved, "eval mode must change the weights, or this test proves nothing"
+    for key, value in saved.state_dict().items():
+        torch.testing.assert_close(value, averaged[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_schedule_free_resume_is_exact(three_items, tmp_path):
+    toml, files = three_items
+    common = ("--optimizer_type", "AdamWScheduleFree", "--max_train_steps", "4")
+    full = run("zimage", toml, files, tmp_path / "full", *common, "--save_every_n_steps", "2", "--save_state")
+    resumed = run("zimage", toml, files, tmp_path / "r", *common, "--resume",
+                  str(tmp_path / "full/lora-step00000002-state"))
+    assert resumed.losses == full.losses[2:]
+    a, b = safe_open(str(full.path), "pt"), safe_open(str(resumed.path), "pt")
+    assert all(a.get_tensor(k).equal(b.get_tensor(k)) for k in a.keys())

@@ -25,6 +25,7 @@ from tsumugi.data.config import DatasetConfig, load_dataset_config
 from tsumugi.errors import UserError
 from tsumugi.train.cached_data import CachedTrainingData
 from tsumugi.train.checkpoint_hooks import CheckpointHooks
+from tsumugi.train.optimizers import optimizer_train
 from tsumugi.train.state import TrainProgress, load_state
 from tsumugi.train.trainer import TrainingLoop, resolve_seed, steps_per_epoch
 
@@ -231,6 +232,7 @@ def run_training(
                         lr_scheduler=lr_scheduler, accelerator=accelerator, args=args, progress=progress,
                         max_steps=max_steps, hooks=hooks, fused=fused, before_step=before_step,
                         after_step=after_step)
+    optimizer_train(optimizer)  # schedule-free optimizers start (and resume from a final state) in eval mode
     if args.sample_at_first and progress.global_step == 0:
         hooks.sample("000000")
     loop.run()
