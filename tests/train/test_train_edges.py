@@ -4,6 +4,7 @@ optimizers, sampling resources, metadata and trackers after a failure."""
 from __future__ import annotations
 
 import argparse
+import threading
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,30 @@ def test_schedule_free_resume_is_exact(three_items, tmp_path):
     assert resumed.losses == full.losses[2:]
     a, b = safe_open(str(full.path), "pt"), safe_open(str(resumed.path), "pt")
     assert all(a.get_tensor(k).equal(b.get_tensor(k)) for k in a.keys())
+
+
+def test_num_epochs_metadata_is_the_computed_count(three_items, tmp_path):
+    toml, files = three_items
+    result = run("zimage", toml, files, tmp_path, "--max_train_steps", "5", "--gradient_accumulation_steps", "2")
+    meta = _metadata(result.path)  # 2 steps per epoch: 5 steps cover 3 epochs (the last one partly)
+    assert meta["ss_num_epochs"] == "3" and meta["ss_max_train_steps"] == "5"
+
+
+def test_tensorboard_keeps_the_steps_logged_before_a_failure(three_items, tmp_path):
+    """A run that fails at step 2 (its step checkpoint cannot be written) leaves steps 1 and 2 in the
+    TensorBoard event file, and its trackers are ended on the way out (no writer left running)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    toml, files = three_items
+    (tmp_path / "o/lora-step00000002.safetensors").mkdir(parents=True)  # the rename onto it fails
+    writers_before = sum(type(t).__name__ == "_AsyncWriterThread" and t.is_alive() for t in threading.enumerate())
+    with pytest.raises(OSError):
+        run("zimage", toml, files, tmp_path / "o", "--max_train_steps", "4", "--save_every_n_steps", "2",
+            "--logging_dir", str(tmp_path / "logs"))
+    (event_file,) = (tmp_path / "logs").rglob("events.out.*")
+    events = EventAccumulator(str(event_file.parent), size_guidance={"histograms": 0})
+    events.Reload()
+    assert [s.step for s in events.Scalars("loss/current")] == [1, 2]
+    assert [h.step for h in events.Histograms("timesteps")] == [1, 2]
+    writers = [t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread" and t.is_alive()]
+    assert len(writers) == writers_before, "the TensorBoard writer must be closed (its thread ended)"

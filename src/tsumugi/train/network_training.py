@@ -74,7 +74,8 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
         meta = lora_metadata(
             args, arch_name, run.model_version, run.datasets, session_id=run.session_id,
             started_at=run.started, steps=progress.global_step, epoch=progress.epoch,
-            num_batches_per_epoch=run.data.batches_per_epoch(), optimizer_name=info.metadata,
+            num_batches_per_epoch=run.data.batches_per_epoch(), num_epochs=run.num_epochs,
+            optimizer_name=info.metadata,
         )
         save_lora(network, path, args.lora_layout, meta, save_dtype)
 

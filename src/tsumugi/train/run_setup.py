@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -69,6 +70,8 @@ class TrainingRun:
     seed: int
     accelerator: object
     log_with: str | None
+    num_epochs: int | None = None
+    """epochs the run covers (the last may be partial); set by :func:`max_train_steps`"""
     session_id: int = field(default_factory=lambda: random.SystemRandom().randint(0, 2**31))
     started: float = field(default_factory=time.time)
 
@@ -170,6 +173,7 @@ def max_train_steps(run: TrainingRun) -> int:
     per_epoch = steps_per_epoch(run.data, run.accelerator.num_processes, args.gradient_accumulation_steps)
     if args.max_train_epochs:
         args.max_train_steps = args.max_train_epochs * per_epoch
+    run.num_epochs = math.ceil(args.max_train_steps / per_epoch)
     return args.max_train_steps
 
 
@@ -233,14 +237,16 @@ def run_training(
                         max_steps=max_steps, hooks=hooks, fused=fused, before_step=before_step,
                         after_step=after_step)
     optimizer_train(optimizer)  # schedule-free optimizers start (and resume from a final state) in eval mode
-    if args.sample_at_first and progress.global_step == 0:
-        hooks.sample("000000")
-    loop.run()
+    try:  # trackers are flushed and closed however the run ends (an error, Ctrl+C)
+        if args.sample_at_first and progress.global_step == 0:
+            hooks.sample("000000")
+        loop.run()
 
-    final = hooks.save(args.output_name, progress)
-    if args.save_state_on_train_end or args.save_state:
-        hooks.save_state(f"{args.output_name}-state", progress)
-    accelerator.end_training()
+        final = hooks.save(args.output_name, progress)
+        if args.save_state_on_train_end or args.save_state:
+            hooks.save_state(f"{args.output_name}-state", progress)
+    finally:
+        accelerator.end_training()
     path = final or Path(args.output_dir) / f"{args.output_name}.safetensors"
     ends = hooks.step_ends
     return TrainingResult(path, hooks.losses, progress.global_step, [b - a for a, b in zip(ends, ends[1:])])
