@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from test_train_network import cache_dataset, run
 
@@ -193,3 +194,61 @@ def test_tensorboard_keeps_the_steps_logged_before_a_failure(three_items, tmp_pa
     assert [h.step for h in events.Histograms("timesteps")] == [1, 2]
     writers = [t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread" and t.is_alive()]
     assert len(writers) == writers_before, "the TensorBoard writer must be closed (its thread ended)"
+
+
+def test_sample_resources_are_loaded_before_the_dit_and_freed(three_items, tmp_path, monkeypatch):
+    """Sample prompts are encoded and the text encoder is gone before the DiT loads; the VAE is loaded (so
+    checked) before the DiT too and waits on the CPU. Recorded by wrapping our own loader functions."""
+    import gc
+    import weakref
+
+    from tsumugi.models import loader
+
+    toml, files = three_items
+    events: list[tuple] = []
+    alive: dict[str, weakref.ref] = {}
+
+    def recording(name, load):
+        def wrapped(*args, **kwargs):
+            model = load(*args, **kwargs)
+            alive[name] = weakref.ref(model)
+            events.append((name, kwargs.get("dtype")))
+            return model
+        return wrapped
+
+    def recording_dit(*args, **kwargs):
+        encoder = alive.get("text_encoder")
+        vae = alive.get("vae")
+        events.append(("dit", "text encoder alive" if encoder and encoder() is not None else "text encoder freed",
+                       str(next(vae().parameters()).device) if vae and vae() is not None else None))
+        return load_dit(*args, **kwargs)
+
+    load_dit = loader.load_dit
+    monkeypatch.setattr(loader, "load_text_encoder", recording("text_encoder", loader.load_text_encoder))
+    monkeypatch.setattr(loader, "load_vae", recording("vae", loader.load_vae))
+    monkeypatch.setattr(loader, "load_dit", recording_dit)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple --w 32 --h 32 --d 3 --s 2\n")
+    run("zimage", toml, files, tmp_path / "o", "--max_train_steps", "2", "--sample_prompts", str(prompts),
+        "--sample_every_n_steps", "2", "--vae", str(files["vae"]), "--text_encoder", str(files["text_encoder"]))
+    gc.collect()
+    assert events == [("text_encoder", torch.float32), ("vae", torch.float32),
+                      ("dit", "text encoder freed", "cpu")], events
+    assert len(list((tmp_path / "o/sample").glob("*.png"))) == 1
+    assert alive["vae"]() is None or str(next(alive["vae"]().parameters()).device) == "cpu"
+
+
+def test_sample_prompts_without_a_trigger_load_nothing(three_items, tmp_path, monkeypatch, caplog):
+    from tsumugi.models import loader
+
+    toml, files = three_items
+    loaded: list[str] = []
+    for name in ("load_text_encoder", "load_vae"):
+        original = getattr(loader, name)
+        monkeypatch.setattr(loader, name, lambda *a, _f=original, _n=name, **k: loaded.append(_n) or _f(*a, **k))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple --w 32 --h 32\n")
+    run("zimage", toml, files, tmp_path / "o", "--max_train_steps", "1", "--sample_prompts", str(prompts),
+        "--vae", str(files["vae"]), "--text_encoder", str(files["text_encoder"]))
+    assert loaded == []
+    assert "--sample_prompts has no effect" in caplog.text

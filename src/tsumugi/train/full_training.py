@@ -25,11 +25,11 @@ import torch
 from tsumugi.cli.train_args import build_train_parser, parse_train_args, validate_train_args
 from tsumugi.train.lora_metadata import lora_metadata
 from tsumugi.train.run_setup import (
-    COMPUTE_DTYPES,
     SAVE_DTYPES,
     TrainingResult,
     load_training_dit,
     max_train_steps,
+    prepare_sampler,
     run_training,
     start_run,
 )
@@ -64,6 +64,7 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     run = start_run(arch_name, args)
     accelerator = run.accelerator
     weight_dtype = torch.bfloat16 if args.full_bf16 else torch.float32
+    prepare_sampler(run)  # text encoder used and freed, VAE checked, before the DiT loads
     dit, swapper = load_training_dit(run, weight_dtype, trainable=True)
     params = [p for p in dit.parameters() if p.requires_grad]
     logger.info("training %d DiT tensors (%.2fB parameters) in %s", len(params),
@@ -104,7 +105,7 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
 
     return run_training(run, dit=dit, swapper=swapper, params=params, optimizer=optimizer,
                         lr_scheduler=lr_scheduler, save_weights=save_weights, trainable=None,
-                        tracker_name="fine-tuning", dtype=COMPUTE_DTYPES[args.mixed_precision], fused=fused,
+                        tracker_name="fine-tuning", fused=fused,
                         before_step=before_step)
 
 

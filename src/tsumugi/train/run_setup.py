@@ -71,6 +71,8 @@ class TrainingRun:
     accelerator: object
     log_with: str | None
     num_epochs: int | None = None
+    sampler: object = None
+    """the :class:`~tsumugi.train.sample_prompts.TrainingSampler` from :func:`prepare_sampler`, or ``None``"""
     """epochs the run covers (the last may be partial); set by :func:`max_train_steps`"""
     session_id: int = field(default_factory=lambda: random.SystemRandom().randint(0, 2**31))
     started: float = field(default_factory=time.time)
@@ -115,6 +117,24 @@ def start_run(arch_name: str, args: argparse.Namespace) -> TrainingRun:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with,
                               project_dir=str(logging_dir) if logging_dir else None)
     return TrainingRun(arch, args, model_version, datasets, data, seed, accelerator, log_with)
+
+
+def prepare_sampler(run: TrainingRun) -> None:
+    """Encode the sample prompts and load the sample VAE (CPU) into ``run.sampler``; call before the DiT loads.
+
+    The text encoder is freed before the DiT arrives, so the two never share the device. Without a
+    sampling trigger nothing is loaded and ``--sample_prompts`` is reported as unused.
+    """
+    args = run.args
+    if not args.sample_prompts:
+        return
+    if not (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first):
+        logger.warning("--sample_prompts has no effect without --sample_every_n_steps, --sample_every_n_epochs "
+                       "or --sample_at_first")
+        return
+    from tsumugi.train.sample_prompts import TrainingSampler
+
+    run.sampler = TrainingSampler(run.arch, args, run.device, is_main=run.accelerator.is_main_process)
 
 
 def load_training_dit(run: TrainingRun, dtype: torch.dtype, *, trainable: bool):
@@ -209,7 +229,6 @@ def run_training(
     save_weights: Callable[[Path, TrainProgress], None],
     trainable: torch.nn.Module | None,
     tracker_name: str,
-    dtype: torch.dtype,
     fused=None,
     before_step: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
@@ -224,13 +243,8 @@ def run_training(
     progress = resume_progress(run)
     if run.log_with:
         accelerator.init_trackers(args.log_tracker_name or tracker_name, config=None)
-    sampler = None
-    if args.sample_prompts:
-        from tsumugi.train.sample_prompts import TrainingSampler
-
-        sampler = TrainingSampler(run.arch, args, run.device, dtype, accelerator.is_main_process)
     hooks = CheckpointHooks(args=args, accelerator=accelerator, save_weights=save_weights, trainable=trainable,
-                            dit=dit, optimizer=optimizer, max_steps=max_steps, sampler=sampler, swapper=swapper,
+                            dit=dit, optimizer=optimizer, max_steps=max_steps, sampler=run.sampler, swapper=swapper,
                             histograms=_histogram_writer(accelerator) if run.log_with else None)
     loop = TrainingLoop(arch=run.arch, dit=dit, params=params, data=run.data, optimizer=optimizer,
                         lr_scheduler=lr_scheduler, accelerator=accelerator, args=args, progress=progress,
