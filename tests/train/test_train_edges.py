@@ -252,3 +252,45 @@ def test_sample_prompts_without_a_trigger_load_nothing(three_items, tmp_path, mo
         "--vae", str(files["vae"]), "--text_encoder", str(files["text_encoder"]))
     assert loaded == []
     assert "--sample_prompts has no effect" in caplog.text
+
+
+def test_fused_backward_pass_gives_no_scheduler_order_warning(three_items, tmp_path):
+    """The fused pass steps every parameter inside the backward, so torch never sees optimizer.step(); its
+    'lr_scheduler.step() before optimizer.step()' warning is silenced for exactly that call."""
+    import warnings
+
+    from test_full_training import ADAFACTOR, run_full
+
+    toml, files = three_items
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_full("zimage", toml, files, tmp_path, *ADAFACTOR, "--fused_backward_pass", "--max_train_steps", "2")
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_log_lines_are_not_glued_to_the_progress_bar(three_items, tmp_path, capsys, caplog):
+    import logging
+    import sys
+
+    toml, files = three_items
+    caplog.set_level("INFO")
+    handler = logging.StreamHandler(sys.stderr)  # what the console scripts' basicConfig installs
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        run("zimage", toml, files, tmp_path, "--max_train_steps", "3", "--save_every_n_steps", "1")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    segments = capsys.readouterr().err.replace("\r", "\n").split("\n")
+    saved = [s for s in segments if "saved" in s]
+    assert len(saved) == 3 and all(s.startswith("INFO tsumugi") for s in saved), saved
+
+
+def test_counts_and_family_names_in_logs(three_items, tmp_path, caplog):
+    from tsumugi.counts import format_count
+
+    assert [format_count(n) for n in (20_430_000_000, 1_200_000, 9712, 512)] == ["20.43B", "1.2M", "9.71K", "512"]
+    toml, files = three_items
+    with caplog.at_level("INFO"):
+        run("zimage", toml, files, tmp_path, "--max_train_steps", "1")
+    assert "LoRA for Z-Image: " in caplog.text and "z_image" not in caplog.text

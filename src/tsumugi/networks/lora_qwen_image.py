@@ -23,7 +23,7 @@ from __future__ import annotations
 from tsumugi.networks.lora import TargetSpec, network_factory
 
 QWEN_IMAGE_TARGET = TargetSpec(
-    name="qwen_image",
+    name="qwen_image", display_name="Qwen-Image",
     container_classes=("QwenImageTransformerBlock",),
     default_exclude=(r".*(_mod_).*",),
     default_layout="musubi",

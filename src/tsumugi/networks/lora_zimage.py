@@ -15,7 +15,7 @@ from __future__ import annotations
 from tsumugi.networks.lora import TargetSpec, network_factory
 
 ZIMAGE_TARGET = TargetSpec(
-    name="z_image",
+    name="z_image", display_name="Z-Image",
     container_classes=("ZImageTransformerBlock",),
     default_exclude=(r".*(_modulation|_refiner).*",),
     default_layout="diffusion_model",

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from tsumugi.cli.train_args import build_train_parser, parse_train_args, validate_train_args
+from tsumugi.counts import format_count
 from tsumugi.train.lora_metadata import lora_metadata
 from tsumugi.train.run_setup import (
     SAVE_DTYPES,
@@ -67,8 +68,8 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     prepare_sampler(run)  # text encoder used and freed, VAE checked, before the DiT loads
     dit, swapper = load_training_dit(run, weight_dtype, trainable=True)
     params = [p for p in dit.parameters() if p.requires_grad]
-    logger.info("training %d DiT tensors (%.2fB parameters) in %s", len(params),
-                sum(p.numel() for p in params) / 1e9, str(weight_dtype).removeprefix("torch."))
+    logger.info("training %d DiT tensors (%s parameters) in %s", len(params),
+                format_count(sum(p.numel() for p in params)), str(weight_dtype).removeprefix("torch."))
 
     raw_optimizer, info = create_optimizer(args, [{"params": params, "lr": args.learning_rate}])
     max_steps = max_train_steps(run)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tsumugi.arch import get_architecture
 from tsumugi.arch.base import Architecture
@@ -254,7 +255,8 @@ def run_training(
     try:  # trackers are flushed and closed however the run ends (an error, Ctrl+C)
         if args.sample_at_first and progress.global_step == 0:
             hooks.sample("000000")
-        loop.run()
+        with logging_redirect_tqdm():  # log lines go above the progress bar, not into it
+            loop.run()
 
         final = hooks.save(args.output_name, progress)
         if args.save_state_on_train_end or args.save_state:

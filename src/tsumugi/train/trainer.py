@@ -14,6 +14,7 @@ import hashlib
 import logging
 import math
 import random
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 
@@ -29,6 +30,10 @@ from tsumugi.train.state import TrainProgress
 from tsumugi.train.timesteps import TimestepConfig, sample_sigmas
 
 logger = logging.getLogger(__name__)
+
+# torch's warning when the scheduler steps and optimizer.step() was never called (true of the fused
+# backward pass, which steps each parameter inside the backward instead)
+_SCHEDULER_ORDER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
 
 
 def item_generator(seed: int, step: int, item: CachedItem, occurrence: int) -> torch.Generator:
@@ -187,7 +192,12 @@ class TrainingLoop:
                     self.before_step()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            self.lr_scheduler.step()
+            if self.fused is None:
+                self.lr_scheduler.step()
+            else:
+                with warnings.catch_warnings():  # the fused pass stepped every parameter; torch cannot see it
+                    warnings.filterwarnings("ignore", _SCHEDULER_ORDER_WARNING, UserWarning)
+                    self.lr_scheduler.step()
             if self.after_step is not None:
                 self.after_step()
             progress.global_step += 1
