@@ -56,10 +56,13 @@ def assert_same_files(a: Path, b: Path, exact: bool = True) -> None:
             torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
-# Loss of each of 3 AdamW steps (lr 1e-3, fp32, CPU); recorded once on this code and pinned.
+# Loss of each of 3 AdamW steps (lr 1e-3).
+# Regression guards, not references: recorded on this code (CPU, fp32) and pinned; they change whenever the
+# per-item random draws change (last: draws keyed by dataset entry). Correctness is proven elsewhere
+# (resume exactness, batch N == N accumulated batches, the diffusers parity tests).
 PINNED_FULL = {
-    "qwen_image": [2.147571325302124, 2.0947439670562744, 2.1225969791412354],
-    "zimage": [2.1408205032348633, 1.9142757654190063, 1.7913539409637451],
+    "qwen_image": [2.165719985961914, 2.1190919876098633, 1.8983445167541504],
+    "zimage": [2.002427101135254, 1.8311445713043213, 2.0374646186828613],
 }
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -164,38 +162,22 @@ def test_optional_packages(name, module, package):
         assert info.name.startswith(module)
 
 
-class _FakeScheduleFree(torch.optim.SGD):
-    def __init__(self, params, lr=0.1, **kwargs):
-        super().__init__(params, lr=lr, **kwargs)
-        self.mode = "train"
+def test_schedule_free_marks_constant_scheduler_and_train_eval():
+    """The real ``schedulefree`` package: constant LR, and eval()/train() switch its mode."""
+    import schedulefree
 
-    def train(self):
-        self.mode = "train"
-
-    def eval(self):
-        self.mode = "eval"
-
-
-@pytest.fixture
-def fake_schedulefree(monkeypatch):
-    module = types.ModuleType("schedulefree")
-    module.AdamWScheduleFree = _FakeScheduleFree
-    monkeypatch.setitem(sys.modules, "schedulefree", module)
-    return module
-
-
-def test_schedule_free_marks_constant_scheduler_and_train_eval(fake_schedulefree):
     for name in ("AdamWScheduleFree", "adamwschedulefree", "schedulefree.AdamWScheduleFree"):
         args = _args("--optimizer_type", name, "--learning_rate", "0.5", "--lr_scheduler", "cosine")
         optimizer, info = create_optimizer(args, _params())
-        assert isinstance(optimizer, _FakeScheduleFree) and info.schedule_free
+        assert isinstance(optimizer, schedulefree.AdamWScheduleFree) and info.schedule_free
+        optimizer_train(optimizer)  # schedulefree starts in eval mode and refuses to step there
         scheduler = create_lr_scheduler(args, optimizer, 10, optimizer_info=info)
         lrs = _curve(optimizer, scheduler, 5)
         assert lrs == [pytest.approx(0.5)] * 5
         optimizer_eval(optimizer)
-        assert optimizer.mode == "eval"
+        assert not optimizer.param_groups[0]["train_mode"]
         optimizer_train(optimizer)
-        assert optimizer.mode == "train"
+        assert optimizer.param_groups[0]["train_mode"]
     plain, _ = create_optimizer(_args(), _params())
     optimizer_eval(plain)  # no-op for optimizers without train()/eval()
     optimizer_train(plain)

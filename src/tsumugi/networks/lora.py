@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tsumugi.counts import format_count
 from tsumugi.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,12 @@ class TargetSpec:
     container_classes: tuple[str, ...]
     default_exclude: tuple[str, ...] = ()
     default_layout: str = "musubi"
+    display_name: str = ""
+    """the family's name in messages (``Qwen-Image``, ``Z-Image``); ``name`` when empty"""
+
+    def __post_init__(self) -> None:
+        if not self.display_name:
+            object.__setattr__(self, "display_name", self.name)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -320,16 +327,17 @@ class LoRANetwork(nn.Module):
                 logger.warning(
                     "%d modules of the weights file are not %s LoRA targets and are ignored: %s",
                     len(unknown),
-                    target_spec.name,
+                    target_spec.display_name,
                     shown,
                 )
         if not self.loras:
             raise UserError(
-                f"the LoRA network for {target_spec.name} has no modules: "
+                f"the LoRA network for {target_spec.display_name} has no modules: "
                 "check --network_args exclude_patterns/include_patterns (or the --network_weights file)"
             )
         n_params = sum(p.numel() for p in self.parameters())
-        logger.info("LoRA for %s: %d modules, %d parameters", target_spec.name, len(self.loras), n_params)
+        logger.info("LoRA for %s: %d modules, %s parameters", target_spec.display_name, len(self.loras),
+                    format_count(n_params))
         if verbose:
             for m in self.loras.values():
                 logger.info("  %s: rank %d, alpha %g", m.path, m.rank, float(m.alpha))

@@ -24,7 +24,7 @@ from tsumugi.networks.lora import TargetSpec
 from tsumugi.networks.lora_factory import network_factory
 
 QWEN_IMAGE_TARGET = TargetSpec(
-    name="qwen_image",
+    name="qwen_image", display_name="Qwen-Image",
     container_classes=("QwenImageTransformerBlock",),
     default_exclude=(r".*(_mod_).*",),
     default_layout="musubi",

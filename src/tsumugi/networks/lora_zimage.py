@@ -16,7 +16,7 @@ from tsumugi.networks.lora import TargetSpec
 from tsumugi.networks.lora_factory import network_factory
 
 ZIMAGE_TARGET = TargetSpec(
-    name="z_image",
+    name="z_image", display_name="Z-Image",
     container_classes=("ZImageTransformerBlock",),
     default_exclude=(r".*(_modulation|_refiner).*",),
     default_layout="diffusion_model",

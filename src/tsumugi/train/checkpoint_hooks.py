@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from tsumugi.errors import UserError
+from tsumugi.train.optimizers import optimizer_eval, optimizer_train
 from tsumugi.train.state import TrainProgress, save_state
 
 logger = logging.getLogger(__name__)
@@ -38,13 +39,21 @@ class CheckpointHooks:
 
     # -- files
     def save(self, name: str, progress: TrainProgress) -> Path | None:
-        """Write ``<output_dir>/<name>.safetensors`` (main process only; others return ``None``)."""
-        if not self.acc.is_main_process:
-            return None
-        path = self.output / f"{name}.safetensors"
-        self.save_weights(path, progress)
-        logger.info("saved %s", path)
-        return path
+        """Write ``<output_dir>/<name>.safetensors`` (main process only; others return ``None``).
+
+        A schedule-free optimizer is in eval mode meanwhile, so the file holds its averaged weights; every
+        process switches, so the weights stay identical across processes.
+        """
+        optimizer_eval(self.optimizer)
+        try:
+            if not self.acc.is_main_process:
+                return None
+            path = self.output / f"{name}.safetensors"
+            self.save_weights(path, progress)
+            logger.info("saved %s", path)
+            return path
+        finally:
+            optimizer_train(self.optimizer)
 
     def _prune(self, pattern: str, keep_newer_than: int, number) -> None:
         if not self.acc.is_main_process:
@@ -58,8 +67,16 @@ class CheckpointHooks:
         save_state(self.acc, progress, self.output / name)
 
     def sample(self, label: str) -> None:
-        if self.sampler is None or not self.acc.is_main_process:
+        if self.sampler is None:
             return
+        optimizer_eval(self.optimizer)  # schedule-free: sample the averaged weights (on every process, see save)
+        try:
+            if self.acc.is_main_process:
+                self._render(label)
+        finally:
+            optimizer_train(self.optimizer)
+
+    def _render(self, label: str) -> None:
         if self.trainable is not None:
             self.trainable.eval()
         if self.swapper is not None:

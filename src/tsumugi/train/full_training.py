@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 
 from tsumugi.cli.train_args import build_train_parser, parse_train_args, validate_train_args
+from tsumugi.counts import format_count
 from tsumugi.train.lora_metadata import lora_metadata
 from tsumugi.train.run_setup import (
-    COMPUTE_DTYPES,
     SAVE_DTYPES,
     TrainingResult,
     load_training_dit,
     max_train_steps,
+    prepare_sampler,
     run_training,
     start_run,
 )
@@ -64,10 +65,11 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     run = start_run(arch_name, args)
     accelerator = run.accelerator
     weight_dtype = torch.bfloat16 if args.full_bf16 else torch.float32
+    prepare_sampler(run)  # text encoder used and freed, VAE checked, before the DiT loads
     dit, swapper = load_training_dit(run, weight_dtype, trainable=True)
     params = [p for p in dit.parameters() if p.requires_grad]
-    logger.info("training %d DiT tensors (%.2fB parameters) in %s", len(params),
-                sum(p.numel() for p in params) / 1e9, str(weight_dtype).removeprefix("torch."))
+    logger.info("training %d DiT tensors (%s parameters) in %s", len(params),
+                format_count(sum(p.numel() for p in params)), str(weight_dtype).removeprefix("torch."))
 
     raw_optimizer, info = create_optimizer(args, [{"params": params, "lr": args.learning_rate}])
     max_steps = max_train_steps(run)
@@ -97,13 +99,14 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
         meta = lora_metadata(
             args, arch_name, run.model_version, run.datasets, session_id=run.session_id,
             started_at=run.started, steps=progress.global_step, epoch=progress.epoch,
-            num_batches_per_epoch=run.data.batches_per_epoch(), optimizer_name=info.metadata, network=False,
+            num_batches_per_epoch=run.data.batches_per_epoch(), num_epochs=run.num_epochs,
+            optimizer_name=info.metadata, network=False,
         )
         save_dit_checkpoint(dit, path, dtype=save_dtype, metadata=meta)
 
     return run_training(run, dit=dit, swapper=swapper, params=params, optimizer=optimizer,
                         lr_scheduler=lr_scheduler, save_weights=save_weights, trainable=None,
-                        tracker_name="fine-tuning", dtype=COMPUTE_DTYPES[args.mixed_precision], fused=fused,
+                        tracker_name="fine-tuning", fused=fused,
                         before_step=before_step)
 
 

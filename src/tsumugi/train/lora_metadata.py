@@ -51,9 +51,13 @@ def lora_metadata(
     epoch: int,
     num_batches_per_epoch: int,
     optimizer_name: str,
+    num_epochs: int | None = None,
     network: bool = True,
 ) -> dict[str, str]:
-    """String metadata; with ``--no_metadata`` only the minimum set plus modelspec."""
+    """String metadata; with ``--no_metadata`` only the minimum set plus modelspec.
+
+    ``num_epochs`` is the run's epoch count computed from its steps (``--max_train_epochs`` may be unset).
+    """
     base = "z_image" if arch_name == "zimage" else BASE_MODEL_VERSION[model_version]
     title = "Z-Image" if arch_name == "zimage" else ARCHITECTURE_TITLE[model_version]
     meta: dict[str, Any] = {"ss_base_model_version": base}
@@ -74,7 +78,7 @@ def lora_metadata(
             ss_max_grad_norm=args.max_grad_norm,
             ss_num_train_items=sum(len(d.items or ()) * d.num_repeats for d in datasets),
             ss_num_batches_per_epoch=num_batches_per_epoch,
-            ss_num_epochs=args.max_train_epochs,
+            ss_num_epochs=num_epochs if num_epochs is not None else args.max_train_epochs,
             ss_max_train_steps=args.max_train_steps,
             ss_steps=steps,
             ss_epoch=epoch,

@@ -17,6 +17,7 @@ from tsumugi.train.run_setup import (
     TrainingResult,
     load_training_dit,
     max_train_steps,
+    prepare_sampler,
     run_training,
     start_run,
 )
@@ -46,6 +47,7 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     run = start_run(arch_name, args)
     accelerator = run.accelerator
     dtype = COMPUTE_DTYPES[args.mixed_precision]
+    prepare_sampler(run)  # text encoder used and freed, VAE checked, before the DiT loads
     dit, swapper = load_training_dit(run, dtype, trainable=False)
     module = import_network_module(args.network_module)
     torch.manual_seed(run.seed)  # the LoRA initialisation (Kaiming-uniform down weights)
@@ -74,7 +76,8 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
         meta = lora_metadata(
             args, arch_name, run.model_version, run.datasets, session_id=run.session_id,
             started_at=run.started, steps=progress.global_step, epoch=progress.epoch,
-            num_batches_per_epoch=run.data.batches_per_epoch(), optimizer_name=info.metadata,
+            num_batches_per_epoch=run.data.batches_per_epoch(), num_epochs=run.num_epochs,
+            optimizer_name=info.metadata,
         )
         save_lora(network, path, args.lora_layout, meta, save_dtype)
 
@@ -85,7 +88,7 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
 
     return run_training(run, dit=dit, swapper=swapper, params=list(network.parameters()), optimizer=optimizer,
                         lr_scheduler=lr_scheduler, save_weights=save_weights, trainable=network,
-                        tracker_name="network_train", dtype=dtype, after_step=after_step)
+                        tracker_name="network_train", after_step=after_step)
 
 
 def train_network_main(arch_name: str, argv: list[str] | None = None) -> int:

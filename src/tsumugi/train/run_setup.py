@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tsumugi.arch import get_architecture
 from tsumugi.arch.base import Architecture
@@ -32,6 +34,7 @@ from tsumugi.train.accelerator_options import (
 )
 from tsumugi.train.cached_data import CachedTrainingData
 from tsumugi.train.checkpoint_hooks import CheckpointHooks
+from tsumugi.train.optimizers import optimizer_train
 from tsumugi.train.state import TrainProgress, load_state
 from tsumugi.train.trainer import TrainingLoop, resolve_seed, steps_per_epoch
 
@@ -79,6 +82,10 @@ class TrainingRun:
     seed: int
     accelerator: object
     log_with: str | None
+    num_epochs: int | None = None
+    sampler: object = None
+    """the :class:`~tsumugi.train.sample_prompts.TrainingSampler` from :func:`prepare_sampler`, or ``None``"""
+    """epochs the run covers (the last may be partial); set by :func:`max_train_steps`"""
     session_id: int = field(default_factory=lambda: random.SystemRandom().randint(0, 2**31))
     started: float = field(default_factory=time.time)
 
@@ -125,6 +132,24 @@ def start_run(arch_name: str, args: argparse.Namespace) -> TrainingRun:
                               project_dir=str(logging_dir) if logging_dir else None,
                               kwargs_handlers=kwargs_handlers(args))
     return TrainingRun(arch, args, model_version, datasets, data, seed, accelerator, log_with)
+
+
+def prepare_sampler(run: TrainingRun) -> None:
+    """Encode the sample prompts and load the sample VAE (CPU) into ``run.sampler``; call before the DiT loads.
+
+    The text encoder is freed before the DiT arrives, so the two never share the device. Without a
+    sampling trigger nothing is loaded and ``--sample_prompts`` is reported as unused.
+    """
+    args = run.args
+    if not args.sample_prompts:
+        return
+    if not (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first):
+        logger.warning("--sample_prompts has no effect without --sample_every_n_steps, --sample_every_n_epochs "
+                       "or --sample_at_first")
+        return
+    from tsumugi.train.sample_prompts import TrainingSampler
+
+    run.sampler = TrainingSampler(run.arch, args, run.device, is_main=run.accelerator.is_main_process)
 
 
 def load_training_dit(run: TrainingRun, dtype: torch.dtype, *, trainable: bool):
@@ -184,6 +209,7 @@ def max_train_steps(run: TrainingRun) -> int:
     per_epoch = steps_per_epoch(run.data, run.accelerator.num_processes, args.gradient_accumulation_steps)
     if args.max_train_epochs:
         args.max_train_steps = args.max_train_epochs * per_epoch
+    run.num_epochs = math.ceil(args.max_train_steps / per_epoch)
     return args.max_train_steps
 
 
@@ -219,7 +245,6 @@ def run_training(
     save_weights: Callable[[Path, TrainProgress], None],
     trainable: torch.nn.Module | None,
     tracker_name: str,
-    dtype: torch.dtype,
     fused=None,
     before_step: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
@@ -235,26 +260,25 @@ def run_training(
     if run.log_with:
         accelerator.init_trackers(args.log_tracker_name or tracker_name, config=tracker_config(args),
                                   init_kwargs=tracker_init_kwargs(args))
-    sampler = None
-    if args.sample_prompts:
-        from tsumugi.train.sample_prompts import TrainingSampler
-
-        sampler = TrainingSampler(run.arch, args, run.device, dtype, accelerator.is_main_process)
     hooks = CheckpointHooks(args=args, accelerator=accelerator, save_weights=save_weights, trainable=trainable,
-                            dit=dit, optimizer=optimizer, max_steps=max_steps, sampler=sampler, swapper=swapper,
+                            dit=dit, optimizer=optimizer, max_steps=max_steps, sampler=run.sampler, swapper=swapper,
                             histograms=_histogram_writer(accelerator) if run.log_with else None)
     loop = TrainingLoop(arch=run.arch, dit=dit, params=params, data=run.data, optimizer=optimizer,
                         lr_scheduler=lr_scheduler, accelerator=accelerator, args=args, progress=progress,
                         max_steps=max_steps, hooks=hooks, fused=fused, before_step=before_step,
                         after_step=after_step)
-    if args.sample_at_first and progress.global_step == 0:
-        hooks.sample("000000")
-    loop.run()
+    optimizer_train(optimizer)  # schedule-free optimizers start (and resume from a final state) in eval mode
+    try:  # trackers are flushed and closed however the run ends (an error, Ctrl+C)
+        if args.sample_at_first and progress.global_step == 0:
+            hooks.sample("000000")
+        with logging_redirect_tqdm():  # log lines go above the progress bar, not into it
+            loop.run()
 
-    final = hooks.save(args.output_name, progress)
-    if args.save_state_on_train_end or args.save_state:
-        hooks.save_state(f"{args.output_name}-state", progress)
-    accelerator.end_training()
+        final = hooks.save(args.output_name, progress)
+        if args.save_state_on_train_end or args.save_state:
+            hooks.save_state(f"{args.output_name}-state", progress)
+    finally:
+        accelerator.end_training()
     path = final or Path(args.output_dir) / f"{args.output_name}.safetensors"
     ends = hooks.step_ends
     return TrainingResult(path, hooks.losses, progress.global_step, [b - a for a, b in zip(ends, ends[1:])])

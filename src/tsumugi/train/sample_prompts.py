@@ -91,9 +91,15 @@ def plan_samples(arch: Architecture, lines: list[PromptLine]) -> list[SamplePlan
 
 
 class TrainingSampler:
-    """Encodes the sample prompts once (text encoder freed afterwards) and renders them on demand."""
+    """Sample prompts encoded once and rendered on demand; build it before the DiT is loaded.
 
-    def __init__(self, arch: Architecture, args, device: torch.device, dtype: torch.dtype,
+    On the main process the text encoder is loaded, used and freed here, and the VAE is loaded onto the
+    CPU (a bad ``--vae`` fails now, not at the first sample); the VAE moves to the device only while it
+    encodes controls or decodes, so training never holds it there. Other processes never sample and
+    load nothing. ``text_encoder_dtype`` defaults to bfloat16 on CUDA and float32 elsewhere (as caching).
+    """
+
+    def __init__(self, arch: Architecture, args, device: torch.device, text_encoder_dtype: torch.dtype | None = None,
                  is_main: bool = True) -> None:
         self.arch, self.args, self.device, self._is_main = arch, args, device, is_main
         lines = read_sample_prompts(args.sample_prompts)
@@ -103,11 +109,17 @@ class TrainingSampler:
             raise UserError("--sample_prompts needs --vae to decode the samples")
         self.directory = Path(args.output_dir) / "sample"
         self.controls = {p.index: self._load_controls(p.line) for p in self.plans if p.line.control_images}
-        texts = list(dict.fromkeys(self._key(p, t) for p in self.plans for t in (p.line.prompt, p.negative)))
-        self.embeds = self._cached_embeddings(texts)
-        if self.embeds is None:
-            self.embeds = self._encode(texts, dtype)
+        self.embeds: dict[str, PromptEmbeds] = {}
         self.vae = None
+        if not is_main:
+            return
+        texts = list(dict.fromkeys(self._key(p, t) for p in self.plans for t in (p.line.prompt, p.negative)))
+        embeds = self._cached_embeddings(texts)
+        if embeds is None:
+            dtype = text_encoder_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+            embeds = self._encode(texts, dtype)
+        self.embeds = embeds
+        self.vae = self.arch.load_vae(self.args.vae, device="cpu")
 
     @staticmethod
     def _check_controls(arch: Architecture, args, lines: list[PromptLine]) -> str:
@@ -194,16 +206,23 @@ class TrainingSampler:
                 else:
                     embeds[key] = arch.encode_prompts(encoder, tokenizer, [key], device)[0]
         del encoder
-        if self._is_main:
-            tensors = {text_fingerprint(t): e.embeds.detach().cpu().contiguous() for t, e in embeds.items()}
-            meta = {k: "1" for k in tensors} | {"text_encoder": self._encoder_identity()}
-            write_cache_file(self._cache_file(), tensors, meta)
+        _release(device)
+        embeds = {t: PromptEmbeds(e.embeds.detach().cpu()) for t, e in embeds.items()}  # moved per sample
+        tensors = {text_fingerprint(t): e.embeds.contiguous() for t, e in embeds.items()}
+        meta = {k: "1" for k in tensors} | {"text_encoder": self._encoder_identity()}
+        write_cache_file(self._cache_file(), tensors, meta)
         return embeds
 
     def render(self, dit: torch.nn.Module, label: str) -> list[Path]:
         """Sample every prompt with the network applied; ``label`` is ``e000003`` or ``000120``."""
-        if self.vae is None:
-            self.vae = self.arch.load_vae(self.args.vae, device=self.device)
+        self.vae.to(self.device)
+        try:
+            return self._render(dit, label)
+        finally:
+            self.vae.to("cpu")
+            _release(self.device)
+
+    def _render(self, dit: torch.nn.Module, label: str) -> list[Path]:
         written = []
         for plan in self.plans:
             seed = plan.line.seed if plan.line.seed is not None else random.SystemRandom().randint(0, 2**32 - 1)
@@ -237,3 +256,7 @@ class TrainingSampler:
         return written
 
 
+def _release(device: torch.device) -> None:
+    """Give freed device memory back (a text encoder or VAE just left the GPU)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

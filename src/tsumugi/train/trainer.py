@@ -1,7 +1,8 @@
 """The flow-matching trainer shared by both families, for LoRA training and full fine-tuning.
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches taken in order from the epoch
-plan. Every random draw (noise, sigma) of an item comes from a generator seeded with (seed, step, item), so
+plan; the last step of an epoch takes what is left of it (fewer micro-batches, its loss averaged over
+those), so an epoch is one pass over the data and never spills into the next. Every random draw (noise, sigma) of an item comes from a generator seeded with (seed, step, item), so
 results do not depend on what ran before: resuming is exact, and a batch of N equals N accumulated
 batches of 1 up to float rounding.
 """
@@ -13,6 +14,7 @@ import hashlib
 import logging
 import math
 import random
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 
@@ -29,15 +31,22 @@ from tsumugi.train.timesteps import TimestepConfig, model_timesteps, sample_sigm
 
 logger = logging.getLogger(__name__)
 
+# torch's warning when the scheduler steps and optimizer.step() was never called (true of the fused
+# backward pass, which steps each parameter inside the backward instead)
+_SCHEDULER_ORDER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+
 
 def item_generator(seed: int, step: int, item: CachedItem, occurrence: int) -> torch.Generator:
     """The CPU generator of one item in one optimizer step.
 
-    Keyed by the item (its cache file) rather than its position, so the same step draws the same noise
-    and sigma for an item whether it comes in a batch of N or in N accumulated batches of 1, and a
-    resumed run draws exactly what an uninterrupted one would.
+    Keyed by the item (its dataset's index in the config and its cache file's name, unique within that
+    dataset) rather than its position, so the same step draws the same noise and sigma for an item
+    whether it comes in a batch of N or in N accumulated batches of 1, and a resumed run draws exactly
+    what an uninterrupted one would. The same image in two datasets draws differently, and so does each
+    repeat of an item within one step (``occurrence``).
     """
-    digest = hashlib.sha256(f"{seed}:{step}:{item.latent_path.name}:{occurrence}".encode()).digest()
+    key = f"{seed}:{step}:{item.dataset_index}:{item.latent_path.name}:{occurrence}"
+    digest = hashlib.sha256(key.encode()).digest()
     return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
@@ -87,6 +96,7 @@ def data_stream(data: CachedTrainingData, progress: TrainProgress, rank: int, wo
 
 
 def steps_per_epoch(data: CachedTrainingData, world: int, accumulation: int) -> int:
+    """Optimizer steps of one epoch: its last step takes the remaining (possibly fewer) micro-batches."""
     return math.ceil((data.batches_per_epoch() // world) / accumulation)
 
 
@@ -151,22 +161,23 @@ class TrainingLoop:
         share_len = self.data.batches_per_epoch() // acc.num_processes
         while progress.global_step < self.max_steps:
             total, all_sigmas, epoch_ended, seen = 0.0, [], False, Counter()
-            for micro in range(accumulation):
+            count = min(accumulation, share_len - progress.batch_index)  # micro-batches left in this epoch
+            for micro in range(count):
                 epoch, index, items = next(stream)
                 generators = []
                 for item in items:
                     generators.append(item_generator(progress.seed, progress.global_step, item, seen[item]))
                     seen[item] += 1
                 if self.fused is not None:
-                    self.fused.begin_micro_batch(is_last=micro == accumulation - 1)
+                    self.fused.begin_micro_batch(is_last=micro == count - 1)
                 loss, sigmas = micro_batch_loss(
                     self.arch, self.dit, self.data, items, generators, self.timesteps, args.weighting_scheme,
                     acc.device, acc.autocast,
                 )
                 if not torch.isfinite(loss):
                     self.hooks.on_nan(progress, loss.item())
-                acc.backward(loss / accumulation)
-                total += loss.item() / accumulation
+                acc.backward(loss / count)
+                total += loss.item() / count
                 all_sigmas.append(sigmas)
                 if index + 1 >= share_len:
                     progress.epoch, progress.batch_index, epoch_ended = epoch + 1, 0, True
@@ -180,7 +191,12 @@ class TrainingLoop:
                     self.before_step()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            self.lr_scheduler.step()
+            if self.fused is None:
+                self.lr_scheduler.step()
+            else:
+                with warnings.catch_warnings():  # the fused pass stepped every parameter; torch cannot see it
+                    warnings.filterwarnings("ignore", _SCHEDULER_ORDER_WARNING, UserWarning)
+                    self.lr_scheduler.step()
             if self.after_step is not None:
                 self.after_step()
             progress.global_step += 1
