@@ -127,6 +127,32 @@ def read_cache_metadata(path: Path) -> dict[str, str] | None:
         return None
 
 
+def is_our_cache(path: Path, arch_code: str, kind: str) -> bool:
+    """Whether ``path`` is provably a ``kind`` (``"latent"`` or ``"text"``) cache of ``arch_code``.
+
+    Only a safetensors file whose metadata names this architecture as Musubi and tsumugi write it
+    (``architecture``, with a ``format_version``) and whose every tensor key is a cache key qualifies:
+    a user's LoRA or model that merely has a cache-like name is not one, and is never deleted.
+    """
+    if kind == "latent":
+        try:
+            parse_latent_cache_name(path.name)
+        except ValueError:
+            return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            keys = list(f.keys())
+    except Exception:
+        return False
+    if metadata.get("architecture") != ARCH_METADATA_NAME.get(arch_code) or "format_version" not in metadata:
+        return False
+    if kind == "latent":
+        names = {strip_key(k) for k in keys}
+        return "latents" in names and all(re.fullmatch(r"latents(_control_\d+)?(_\d+x\d+)?", n) for n in names)
+    return bool(keys) and all(k.startswith("varlen_") for k in keys)
+
+
 def stale_reasons(found: dict[str, str], expected: dict[str, str]) -> list[str]:
     """What differs between a cache's ``tsumugi.*`` metadata and what the current run would write.
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from tsumugi.arch.base import Architecture
 from tsumugi.caching.cache_files import (
+    is_our_cache,
     latent_cache_name,
     latent_key,
     read_cache_metadata,
@@ -35,6 +36,8 @@ class CacheReport:
     skipped: list[Path] = field(default_factory=list)
     removed: list[Path] = field(default_factory=list)
     kept_orphans: list[Path] = field(default_factory=list)
+    not_caches: list[Path] = field(default_factory=list)
+    """files named like caches that are not caches (left untouched)"""
 
 
 def latent_path(dataset: DatasetConfig, item: ImageItem, arch_code: str) -> Path:
@@ -51,18 +54,29 @@ def _encode(arch: Architecture, vae: torch.nn.Module, pixels: list[torch.Tensor]
     return out
 
 
-def remove_orphans(directory: Path, pattern: str, keep: set[Path], keep_cache: bool, report: CacheReport) -> None:
-    """Delete cache files of ``pattern`` in ``directory`` that no current dataset item produces."""
+def remove_orphans(
+    directory: Path, arch_code: str, kind: str, keep: set[Path], keep_cache: bool, report: CacheReport
+) -> None:
+    """Delete ``kind`` cache files of ``arch_code`` in ``directory`` that no current dataset item produces.
+
+    A file is deleted only when :func:`is_our_cache` proves it is a cache (the cache folder may be the
+    image folder, where a user's ``*_zi.safetensors`` LoRA must survive); other files are left alone.
+    """
+    pattern = f"*_{arch_code}.safetensors" if kind == "latent" else f"*_{arch_code}_te.safetensors"
+    removed = 0
     for path in sorted(directory.glob(pattern)):
-        if path in keep:
+        if path in keep or not path.is_file():
             continue
-        if keep_cache:
+        if not is_our_cache(path, arch_code, kind):
+            report.not_caches.append(path)
+        elif keep_cache:
             report.kept_orphans.append(path)
         else:
             path.unlink()
             report.removed.append(path)
-    if report.removed:
-        logger.info("removed %d orphan caches in %s (use --keep_cache to keep them)", len(report.removed), directory)
+            removed += 1
+    if removed:
+        logger.info("removed %d orphan caches in %s (use --keep_cache to keep them)", removed, directory)
 
 
 def cache_latents(
@@ -108,7 +122,7 @@ def cache_latents(
                                  model_version, vae_identity, report)
                 progress.update(len(items))
             progress.close()
-            remove_orphans(dataset.cache_directory, f"*_{arch_code}.safetensors", produced, keep_cache, report)
+            remove_orphans(dataset.cache_directory, arch_code, "latent", produced, keep_cache, report)
     return report
 
 

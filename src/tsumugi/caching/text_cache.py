@@ -109,5 +109,5 @@ def cache_text_outputs(
                 progress.update(len(items))
             progress.close()
     for directory, keep in produced.items():
-        remove_orphans(directory, f"*_{arch_code}_te.safetensors", keep, keep_cache, report)
+        remove_orphans(directory, arch_code, "text", keep, keep_cache, report)
     return report
