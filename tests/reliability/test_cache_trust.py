@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from tsumugi.testing.tiny_dataset import write_tiny_dataset
@@ -80,3 +82,53 @@ def test_is_our_cache_needs_architecture_metadata_and_cache_keys(tmp_path):
     not_safetensors = tmp_path / "d_0064x0064_zi.safetensors"
     not_safetensors.write_bytes(b"user data")
     assert not is_our_cache(not_safetensors, "zi", "latent")
+
+
+# ---- files we write are ordinary files ----------------------------------------------------------------
+
+
+def _modes(paths) -> dict[str, str]:
+    return {str(p): oct(p.stat().st_mode & 0o777) for p in paths}
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_every_output_respects_the_umask(mask, tiny_sets, tmp_path):
+    """LoRA, converted LoRA, merged model, caches, PNG, latent, state, checkpoint: 0666 & ~umask each."""
+    from diffusers import ZImageTransformer2DModel
+    from PIL import Image
+
+    from tsumugi import convert_lora, merge_lora
+    from tsumugi.cli.train_args import build_train_parser, parse_train_args, validate_train_args
+    from tsumugi.models.dit_checkpoint import save_dit_checkpoint
+    from tsumugi.sample.png_output import save_latent, save_png
+    from tsumugi.testing.tiny_configs import tiny_zimage_dit_config
+    from tsumugi.train.network_training import train_network
+
+    files = tiny_sets("zimage")
+    old = os.umask(mask)
+    try:
+        toml = write_tiny_dataset(tmp_path / "ds", 2, sizes=[(64, 64)])
+        _cache_zimage(toml, files)
+        out = tmp_path / "out"
+        argv = ["--dit", str(files["dit"]), "--dataset_config", str(toml), "--network_module",
+                "networks.lora_zimage", "--network_dim", "4", "--max_train_steps", "1", "--output_dir", str(out),
+                "--output_name", "lora", "--mixed_precision", "no", "--save_state"]
+        args = validate_train_args(parse_train_args(build_train_parser("zimage", network=True), argv), environ={})
+        lora = train_network("zimage", args).path
+        converted, merged = tmp_path / "conv.safetensors", tmp_path / "merged.safetensors"
+        assert convert_lora.main(["--input", str(lora), "--output", str(converted), "--target", "other"]) == 0
+        assert merge_lora.main(["--dit", str(files["dit"]), "--lora_weight", str(lora), "--save_merged_model",
+                                str(merged), "--device", "cpu"]) == 0
+        torch.manual_seed(0)
+        checkpoint = save_dit_checkpoint(ZImageTransformer2DModel(**tiny_zimage_dit_config()),
+                                         tmp_path / "ckpt.safetensors", dtype=None)
+        png = save_png(Image.new("RGB", (16, 16)), tmp_path / "png", "image", {"seed": 1})
+        latent = save_latent(torch.zeros(16, 2, 2), tmp_path / "png", "image", {"seed": "1"})
+    finally:
+        os.umask(old)
+    caches = sorted((tmp_path / "ds/cache").glob("*.safetensors"))
+    state = sorted(p for p in (out / "lora-state").rglob("*") if p.is_file())
+    assert len(caches) == 4 and len(state) >= 4
+    written = [lora, converted, merged, checkpoint, png, latent, *caches, *state]
+    expected = oct(0o666 & ~mask)
+    assert _modes(written) == {str(p): expected for p in written}

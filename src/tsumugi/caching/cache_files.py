@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tsumugi.errors import UserError
+from tsumugi.models.safetensors_io import apply_default_mode
 
 FORMAT_VERSION = "1.0.1"
 _DTYPE_NAMES = sorted(
@@ -93,6 +94,7 @@ def write_cache_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(clean, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+        apply_default_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
