@@ -11,6 +11,7 @@ import torch
 from tsumugi.testing.tiny_dataset import write_tiny_dataset
 from tsumugi.zimage_cache_latents import main as zimage_latents
 from tsumugi.zimage_cache_text_encoder_outputs import main as zimage_text
+from tsumugi.zimage_train_network import main as zimage_train
 
 
 def _cache_zimage(toml: Path, files: dict[str, Path], *extra: str) -> None:
@@ -132,3 +133,70 @@ def test_every_output_respects_the_umask(mask, tiny_sets, tmp_path):
     written = [lora, converted, merged, checkpoint, png, latent, *caches, *state]
     expected = oct(0o666 & ~mask)
     assert _modes(written) == {str(p): expected for p in written}
+
+
+# ---- the stale-cache check covers everything that goes into an item ------------------------------------
+
+
+def _train_argv(arch: str, toml: Path, files: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    module = {"qwen_image": "networks.lora_qwen_image", "zimage": "networks.lora_zimage"}[arch]
+    return ["--dit", str(files["dit"]), "--dataset_config", str(toml), "--network_module", module,
+            "--output_dir", str(out), "--output_name", "x", "--max_train_steps", "1", "--mixed_precision", "no",
+            *extra]
+
+
+def test_changed_control_image_refuses_training_until_recached(tiny_sets, tmp_path, capsys):
+    """Edit: the latent cache holds control latents and the text cache VL embeddings of the controls."""
+    from tsumugi.data.images import load_image
+    from tsumugi.qwen_image_cache_latents import main as qwen_latents
+    from tsumugi.qwen_image_cache_text_encoder_outputs import main as qwen_text
+    from tsumugi.qwen_image_train_network import main as qwen_train
+
+    files = tiny_sets("qwen_image")
+    toml = write_tiny_dataset(tmp_path / "ds", 2, sizes=[(64, 48)], controls_per_item=2)
+    common = ["--dataset_config", str(toml), "--device", "cpu", "--model_version", "edit-2509"]
+    assert qwen_latents([*common, "--vae", str(files["vae"])]) == 0
+    assert qwen_text([*common, "--text_encoder", str(files["text_encoder"])]) == 0
+    control = tmp_path / "ds/controls/img001_1.png"
+    load_image(control).transpose(0).save(control)  # same size, new content
+    argv = _train_argv("qwen_image", toml, files, tmp_path / "out", "--model_version", "edit-2509")
+    assert qwen_train(argv) == 2
+    err = capsys.readouterr().err
+    assert "2 cache problem(s)" in err and "img000" not in err
+    assert "latent cache img001_0064x0048_qie.safetensors is stale (controls was" in err
+    assert "text-encoder cache img001_qie_te.safetensors is stale (controls was" in err
+    assert "run qwen_image_cache_latents and qwen_image_cache_text_encoder_outputs" in err
+    cache = tmp_path / "ds/cache"
+    before = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    assert qwen_latents([*common, "--vae", str(files["vae"]), "--skip_existing"]) == 0
+    assert qwen_text([*common, "--text_encoder", str(files["text_encoder"]), "--skip_existing"]) == 0
+    changed = sorted(p.name for p in cache.glob("*.safetensors") if p.stat().st_mtime_ns != before[p.name])
+    assert changed == ["img001_0064x0048_qie.safetensors", "img001_qie_te.safetensors"]
+    from tsumugi.caching.validate import check_caches
+    from tsumugi.data.config import load_dataset_config
+
+    assert len(check_caches(load_dataset_config(toml, architecture="qie"), "qie", "edit-2509", "qwen_image")[0]) == 2
+
+
+@pytest.mark.parametrize(
+    ("which", "key", "value", "expected"),
+    [("latent", "format_version", "999", "'1.0.1'"), ("text", "architecture", "qwen_image", "'z_image'")],
+)
+def test_cache_of_another_format_or_architecture_is_refused(which, key, value, expected, tiny_sets, tmp_path,
+                                                            capsys):
+    from tsumugi.caching.cache_files import latent_key, read_cache_file, varlen_key, write_cache_file
+
+    files = tiny_sets("zimage")
+    toml = write_tiny_dataset(tmp_path / "ds", 1, sizes=[(64, 64)])
+    _cache_zimage(toml, files)
+    cache = tmp_path / "ds/cache"
+    path = next(cache.glob("*_zi_te.safetensors" if which == "text" else "*_0064x0064_zi.safetensors"))
+    tensors, meta = read_cache_file(path)
+    stored = {latent_key(t) if name == "latents" else varlen_key(name, t): t for name, t in tensors.items()}
+    write_cache_file(path, stored, {**meta, key: value})
+    assert zimage_train(_train_argv("zimage", toml, files, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and f"{key} is '{value}', expected {expected}" in err
+    assert "run zimage_cache_latents and zimage_cache_text_encoder_outputs" in err
+    _cache_zimage(toml, files, "--skip_existing")  # re-encodes the refused file
+    assert read_cache_file(path)[1][key] != value

@@ -120,6 +120,14 @@ def read_cache_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return tensors, metadata
 
 
+def update_cache_metadata(path: Path, updates: dict[str, str]) -> None:
+    """Rewrite a cache with the same tensors (stored keys unchanged) and ``updates`` merged into its metadata."""
+    from safetensors.torch import load_file
+
+    metadata = read_cache_metadata(path) or {}
+    write_cache_file(path, load_file(str(path)), {**metadata, **updates})
+
+
 def read_cache_metadata(path: Path) -> dict[str, str] | None:
     """Metadata only, or None when the file is missing or unreadable (then it is re-made)."""
     try:
