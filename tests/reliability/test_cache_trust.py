@@ -200,3 +200,40 @@ def test_cache_of_another_format_or_architecture_is_refused(which, key, value, e
     assert "run zimage_cache_latents and zimage_cache_text_encoder_outputs" in err
     _cache_zimage(toml, files, "--skip_existing")  # re-encodes the refused file
     assert read_cache_file(path)[1][key] != value
+
+
+# ---- start-up cost ------------------------------------------------------------------------------------
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, whole chunk bytes) of a PNG, in order."""
+    chunks, pos = [], 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        chunks.append((data[pos + 4 : pos + 8], data[pos : pos + 12 + length]))
+        pos += 12 + length
+    return chunks
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_header_probe_sees_png_exif_orientation_without_decoding(late, tmp_path):
+    """Training start reads headers only; the size must still be the one after EXIF rotation, also when
+    the eXIf chunk follows the pixel data (Pillow would decode the whole image to find it)."""
+    from PIL import Image
+
+    from tsumugi.data.images import load_image, probe_image
+
+    path = tmp_path / "rotated.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: width and height swap
+    Image.new("RGB", (64, 32), (10, 20, 30)).save(path, exif=exif)
+    data = path.read_bytes()
+    chunks = _png_chunks(data)
+    assert b"eXIf" in [kind for kind, _ in chunks]
+    if late:
+        ordered = [c for k, c in chunks if k not in (b"eXIf", b"IEND")]
+        ordered += [c for k, c in chunks if k == b"eXIf"] + [c for k, c in chunks if k == b"IEND"]
+        path.write_bytes(data[:8] + b"".join(ordered))
+        assert "exif" not in Image.open(path).info  # Pillow does not see it from the header
+    assert load_image(path).size == (32, 64)
+    assert probe_image(path, decode=False).size == probe_image(path, decode=True).size == (32, 64)
