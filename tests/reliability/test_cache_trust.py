@@ -237,3 +237,56 @@ def test_header_probe_sees_png_exif_orientation_without_decoding(late, tmp_path)
         assert "exif" not in Image.open(path).info  # Pillow does not see it from the header
     assert load_image(path).size == (32, 64)
     assert probe_image(path, decode=False).size == probe_image(path, decode=True).size == (32, 64)
+
+
+# ---- captions: empty and too long ---------------------------------------------------------------------
+
+
+def test_empty_captions_are_counted_at_caching_and_at_training_start(tiny_sets, tmp_path, caplog):
+    files = tiny_sets("zimage")
+    toml = write_tiny_dataset(tmp_path / "ds", 4, sizes=[(64, 64)])
+    (tmp_path / "ds/images/img001.txt").write_text("")
+    (tmp_path / "ds/images/img003.txt").write_text("  \n")
+    with caplog.at_level("WARNING"):
+        assert zimage_latents(["--dataset_config", str(toml), "--device", "cpu", "--vae", str(files["vae"])]) == 0
+    message = "2 of 4 item(s) have an empty caption"
+    assert message in caplog.text and "img001.png" in caplog.text and "img003.png" in caplog.text
+    assert "img000.png" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert zimage_train(_train_argv("zimage", toml, files, tmp_path / "out")) == 2  # no text caches yet
+    assert message in caplog.text
+
+
+def test_captions_over_the_token_limit_are_counted_at_text_caching(tiny_sets, tmp_path, caplog):
+    """The warning counts exactly the captions whose cached embedding was cut at the 512-token limit."""
+    from tsumugi.caching.cache_files import read_cache_file
+
+    files = tiny_sets("zimage")
+    toml = write_tiny_dataset(tmp_path / "ds", 3, sizes=[(64, 64)])
+    (tmp_path / "ds/images/img002.txt").write_text("a long caption " * 300)
+    with caplog.at_level("WARNING"):
+        assert zimage_text(["--dataset_config", str(toml), "--device", "cpu",
+                            "--text_encoder", str(files["text_encoder"])]) == 0
+    assert "1 caption(s) exceed the text encoder's limit of 512 tokens" in caplog.text
+    assert "img002.png" in caplog.text and "img001.png" not in caplog.text
+    lengths = {p.name: read_cache_file(p)[0]["llm_embed"].shape[0] for p in (tmp_path / "ds/cache").glob("*_te.*")}
+    assert lengths["img002_zi_te.safetensors"] == 512 and max(lengths.values()) == 512
+    assert sorted(lengths.values())[1] < 512
+
+
+def test_qwen_image_token_limit_boundary():
+    """Qwen-Image keeps 1024 tokens after its 34-token template prefix: 1024 prompt tokens fit, 1025 do not."""
+    from tsumugi.arch import get_architecture
+    from tsumugi.caching.text_cache import warn_truncated_captions
+    from tsumugi.data.items import ImageItem
+    from tsumugi.text.qwen_image_prompt import TEXT_TO_IMAGE_TEMPLATE
+
+    arch = get_architecture("qwen_image")
+    tokenizer = arch.load_tokenizer()
+    overhead = len(tokenizer(TEXT_TO_IMAGE_TEMPLATE.template.format(""))["input_ids"])
+    assert len(tokenizer(TEXT_TO_IMAGE_TEMPLATE.template.format(" a" * 10))["input_ids"]) == overhead + 10
+    items = [ImageItem(Path(f"{n}.png"), " a" * n, (64, 64)) for n in (1024 - overhead + 34, 1024 - overhead + 35)]
+    assert [i.image_path.name for i in warn_truncated_captions(arch, tokenizer, items, "original")] == [
+        f"{1024 - overhead + 35}.png"]
+    assert warn_truncated_captions(arch, tokenizer, items, "edit-2509") == []

@@ -33,7 +33,7 @@ from tsumugi.caching.pixels import load_control
 from tsumugi.data.batching import caching_batches
 from tsumugi.data.buckets import resize_to_bucket
 from tsumugi.data.config import DatasetConfig
-from tsumugi.data.items import ImageItem
+from tsumugi.data.items import ImageItem, list_items
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,49 @@ def _control_sources(item: ImageItem, found: dict[str, str] | None) -> tuple[lis
     return current_fingerprints(list(item.control_paths), *recorded)
 
 
+def token_limit(arch: Architecture, model_version: str) -> tuple[int, Any] | None:
+    """(limit, template) of the tokens the text encoder keeps, or None when nothing is truncated.
+
+    Z-Image keeps 512 tokens of the chat text (template included); Qwen-Image 1024 after the template
+    prefix; the Edit versions have no limit.
+    """
+    if arch.name == "zimage":
+        from tsumugi.text.zimage_prompt import ZIMAGE_MAX_LENGTH
+
+        return ZIMAGE_MAX_LENGTH, None
+    if model_version == "original":
+        from tsumugi.text.qwen_image_prompt import TEXT_TO_IMAGE_TEMPLATE as template
+
+        return template.max_length + template.drop_idx, template
+    return None
+
+
+def warn_truncated_captions(
+    arch: Architecture, tokenizer: Any, items: list[ImageItem], model_version: str
+) -> list[ImageItem]:
+    """Items whose caption is cut at the text encoder's token limit; logs one warning counting them."""
+    limit = token_limit(arch, model_version)
+    if limit is None or not items:
+        return []
+    max_tokens, template = limit
+    if template is None:
+        from tsumugi.text.zimage_prompt import render_zimage_prompt
+
+        texts = [render_zimage_prompt(tokenizer, item.caption) for item in items]
+    else:
+        texts = [template.template.format(item.caption) for item in items]
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    long = [item for item, n in zip(items, lengths) if n > max_tokens]
+    if long:
+        from tsumugi.data.problems import short_list
+
+        logger.warning(
+            "%d caption(s) exceed the text encoder's limit of %d tokens (prompt with its chat template) and "
+            "are truncated: %s", len(long), max_tokens, short_list([str(item.image_path) for item in long]),
+        )
+    return long
+
+
 def cache_text_outputs(
     arch: Architecture,
     arch_code: str,
@@ -78,6 +121,7 @@ def cache_text_outputs(
     report = CacheReport()
     uses_images = text_uses_images(arch_code, model_version)
     produced: dict[Path, set[Path]] = {}
+    warn_truncated_captions(arch, tokenizer, [item for d in datasets for item in list_items(d)], model_version)
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         for dataset in datasets:
             remove_temporaries(dataset.cache_directory)
