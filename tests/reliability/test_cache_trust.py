@@ -290,3 +290,32 @@ def test_qwen_image_token_limit_boundary():
     assert [i.image_path.name for i in warn_truncated_captions(arch, tokenizer, items, "original")] == [
         f"{1024 - overhead + 35}.png"]
     assert warn_truncated_captions(arch, tokenizer, items, "edit-2509") == []
+
+
+def test_cache_check_runs_once_under_accelerate_launch(tiny_sets, tmp_path):
+    """Two processes: the main one checks (one log line), the other waits for its verdict."""
+    import socket
+    import subprocess
+    import sys
+
+    files = tiny_sets("zimage")
+    toml = write_tiny_dataset(tmp_path / "ds", 2, sizes=[(64, 64)])
+    _cache_zimage(toml, files)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).resolve().parents[2] / "src/tsumugi/zimage_train_network.py"
+    # torchrun sets WORLD_SIZE/RANK as accelerate launch does on GPUs; ACCELERATE_USE_CPU selects gloo
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(script), *_train_argv("zimage", toml, files, tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.stdout + result.stderr).count("no attention flag given") == 2, "two processes log"
+    assert (result.stdout + result.stderr).count("checked the caches of 2 item(s)") == 1
+    (tmp_path / "ds/images/img001.txt").write_text("edited after caching")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert output.count("checked the caches of 2 item(s)") == 1, output
+    assert "img001" in output and "stale" in output

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,7 @@ def check_caches(
     ``trust_stat`` (default) only images whose size or mtime changed are hashed, without it every
     image is hashed (the earlier behaviour, kept for the start-up benchmark).
     """
+    started = time.perf_counter()
     problems: list[str] = []
     for dataset in datasets:
         selector = selector_for(dataset)
@@ -136,6 +138,8 @@ def check_caches(
                 problems.append(f"{where}: text-encoder cache {text} is refused ({'; '.join(wrong)})")
             elif reasons := _text_reasons(text_header[0], item, arch_code, model_version, check_sources, trust_stat):
                 problems.append(f"{where}: text-encoder cache {text.name} is stale ({'; '.join(reasons)})")
+    logger.info("checked the caches of %d item(s) in %.2f s", sum(len(d.items or ()) for d in datasets),
+                time.perf_counter() - started)
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         config = datasets[0].config_path if datasets else "the dataset config"
@@ -158,9 +162,10 @@ def check_caches_once(
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return check_caches(datasets, arch_code, model_version, script_prefix)
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
-    state = PartialState()
+    # the same CPU choice as the Accelerator made later (AcceleratorState reads ACCELERATE_USE_CPU)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     verdict: list[str | None] = [None]
     if state.is_main_process:
         try:
