@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,14 @@ def _cache_zimage(toml: Path, files: dict[str, Path], *extra: str) -> None:
     common = ["--dataset_config", str(toml), "--device", "cpu", *extra]
     assert zimage_latents([*common, "--vae", str(files["vae"])]) == 0
     assert zimage_text([*common, "--text_encoder", str(files["text_encoder"])]) == 0
+
+
+def age_files(root: Path, seconds: int = 3600) -> None:
+    """Give every file under ``root`` an mtime in the past, as a dataset older than its caches has."""
+    ns = time.time_ns() - seconds * 10**9
+    for path in root.rglob("*"):
+        if path.is_file():
+            os.utime(path, ns=(ns, ns))
 
 
 def _without_cache_directory(toml: Path) -> Path:
@@ -154,6 +163,7 @@ def test_changed_control_image_refuses_training_until_recached(tiny_sets, tmp_pa
 
     files = tiny_sets("qwen_image")
     toml = write_tiny_dataset(tmp_path / "ds", 2, sizes=[(64, 48)], controls_per_item=2)
+    age_files(tmp_path / "ds")  # else --skip_existing records the images' times in every cache (a rewrite)
     common = ["--dataset_config", str(toml), "--device", "cpu", "--model_version", "edit-2509"]
     assert qwen_latents([*common, "--vae", str(files["vae"])]) == 0
     assert qwen_text([*common, "--text_encoder", str(files["text_encoder"])]) == 0
