@@ -68,3 +68,10 @@ def test_train_step_runs(tmp_path: Path) -> None:
     rows = table_rows(out)
     assert [(r["arch"], r["resolution"]) for r in rows] == [("zimage", "128")]
     assert_positive_step(rows)
+
+
+def test_startup_check_runs(tmp_path: Path) -> None:
+    rows = table_rows(run_script("startup_check.py", "--images", "12", "--size", "32", "--repeats", "1",
+                                 "--workdir", str(tmp_path)))
+    assert [r["check"] for r in rows] == ["old", "new, cold", "new, warm"]
+    assert all(float(r["wall s"]) > 0 for r in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,9 @@ def test_batch_of_n_equals_n_batches_of_one(arch, tiny_sets, tmp_path):
 def test_skip_existing_redoes_only_stale_items(tiny_sets, tmp_path, caplog):
     files = tiny_sets("zimage")
     toml = write_tiny_dataset(tmp_path / "ds", 3)
+    ns = time.time_ns() - 3600 * 10**9  # images older than their caches: their times are recorded at once
+    for path in (tmp_path / "ds/images").iterdir():
+        os.utime(path, ns=(ns, ns))
     _cache("zimage", toml, files)
     cache = tmp_path / "ds/cache"
     before = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tsumugi.errors import UserError
+from tsumugi.models.safetensors_io import apply_default_mode
 
 FORMAT_VERSION = "1.0.1"
 _DTYPE_NAMES = sorted(
@@ -93,6 +94,7 @@ def write_cache_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(clean, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+        apply_default_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -118,6 +120,14 @@ def read_cache_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return tensors, metadata
 
 
+def update_cache_metadata(path: Path, updates: dict[str, str]) -> None:
+    """Rewrite a cache with the same tensors (stored keys unchanged) and ``updates`` merged into its metadata."""
+    from safetensors.torch import load_file
+
+    metadata = read_cache_metadata(path) or {}
+    write_cache_file(path, load_file(str(path)), {**metadata, **updates})
+
+
 def read_cache_metadata(path: Path) -> dict[str, str] | None:
     """Metadata only, or None when the file is missing or unreadable (then it is re-made)."""
     try:
@@ -125,6 +135,32 @@ def read_cache_metadata(path: Path) -> dict[str, str] | None:
             return dict(f.metadata() or {})
     except Exception:
         return None
+
+
+def is_our_cache(path: Path, arch_code: str, kind: str) -> bool:
+    """Whether ``path`` is provably a ``kind`` (``"latent"`` or ``"text"``) cache of ``arch_code``.
+
+    Only a safetensors file whose metadata names this architecture as Musubi and tsumugi write it
+    (``architecture``, with a ``format_version``) and whose every tensor key is a cache key qualifies:
+    a user's LoRA or model that merely has a cache-like name is not one, and is never deleted.
+    """
+    if kind == "latent":
+        try:
+            parse_latent_cache_name(path.name)
+        except ValueError:
+            return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            keys = list(f.keys())
+    except Exception:
+        return False
+    if metadata.get("architecture") != ARCH_METADATA_NAME.get(arch_code) or "format_version" not in metadata:
+        return False
+    if kind == "latent":
+        names = {strip_key(k) for k in keys}
+        return "latents" in names and all(re.fullmatch(r"latents(_control_\d+)?(_\d+x\d+)?", n) for n in names)
+    return bool(keys) and all(k.startswith("varlen_") for k in keys)
 
 
 def stale_reasons(found: dict[str, str], expected: dict[str, str]) -> list[str]:

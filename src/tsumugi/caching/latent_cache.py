@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,15 +14,17 @@ from tqdm.auto import tqdm
 
 from tsumugi.arch.base import Architecture
 from tsumugi.caching.cache_files import (
+    is_our_cache,
     latent_cache_name,
     latent_key,
     read_cache_metadata,
     remove_temporaries,
     stale_reasons,
+    update_cache_metadata,
     write_cache_file,
 )
-from tsumugi.caching.metadata import latent_identity, latent_metadata
-from tsumugi.caching.pixels import LoadedItem, item_fingerprints, load_item
+from tsumugi.caching.metadata import header_problems, latent_identity, latent_metadata
+from tsumugi.caching.pixels import LoadedItem, item_sources, load_item
 from tsumugi.data.batching import caching_batches
 from tsumugi.data.config import DatasetConfig
 from tsumugi.data.items import ImageItem
@@ -35,6 +38,8 @@ class CacheReport:
     skipped: list[Path] = field(default_factory=list)
     removed: list[Path] = field(default_factory=list)
     kept_orphans: list[Path] = field(default_factory=list)
+    not_caches: list[Path] = field(default_factory=list)
+    """files named like caches that are not caches (left untouched)"""
 
 
 def latent_path(dataset: DatasetConfig, item: ImageItem, arch_code: str) -> Path:
@@ -51,18 +56,36 @@ def _encode(arch: Architecture, vae: torch.nn.Module, pixels: list[torch.Tensor]
     return out
 
 
-def remove_orphans(directory: Path, pattern: str, keep: set[Path], keep_cache: bool, report: CacheReport) -> None:
-    """Delete cache files of ``pattern`` in ``directory`` that no current dataset item produces."""
+def restamp_sources(path: Path, meta: dict[str, str], stats: list[str | None]) -> None:
+    """A current cache whose sources were touched (same content, new mtime) records their new stat, so
+    the training-start check need not hash them again."""
+    if any(stats) and json.dumps(stats) != meta.get("tsumugi.stats"):
+        update_cache_metadata(path, {"tsumugi.stats": json.dumps(stats)})
+
+
+def remove_orphans(
+    directory: Path, arch_code: str, kind: str, keep: set[Path], keep_cache: bool, report: CacheReport
+) -> None:
+    """Delete ``kind`` cache files of ``arch_code`` in ``directory`` that no current dataset item produces.
+
+    A file is deleted only when :func:`is_our_cache` proves it is a cache (the cache folder may be the
+    image folder, where a user's ``*_zi.safetensors`` LoRA must survive); other files are left alone.
+    """
+    pattern = f"*_{arch_code}.safetensors" if kind == "latent" else f"*_{arch_code}_te.safetensors"
+    removed = 0
     for path in sorted(directory.glob(pattern)):
-        if path in keep:
+        if path in keep or not path.is_file():
             continue
-        if keep_cache:
+        if not is_our_cache(path, arch_code, kind):
+            report.not_caches.append(path)
+        elif keep_cache:
             report.kept_orphans.append(path)
         else:
             path.unlink()
             report.removed.append(path)
-    if report.removed:
-        logger.info("removed %d orphan caches in %s (use --keep_cache to keep them)", len(report.removed), directory)
+            removed += 1
+    if removed:
+        logger.info("removed %d orphan caches in %s (use --keep_cache to keep them)", removed, directory)
 
 
 def cache_latents(
@@ -88,27 +111,29 @@ def cache_latents(
             progress = tqdm(total=sum(len(b.items) for b in batches), desc=f"latents {dataset.name}", unit="img")
             for batch in batches:
                 items = list(batch.items)
-                fingerprints = list(pool.map(item_fingerprints, items))
+                paths = [latent_path(dataset, item, arch_code) for item in items]
+                found = [read_cache_metadata(p) if skip_existing and p.exists() else None for p in paths]
+                sources = list(pool.map(item_sources, items, found))
                 work = []
-                for item, (source, control_sources) in zip(items, fingerprints):
-                    path = latent_path(dataset, item, arch_code)
+                for item, path, meta, (fingerprints, stats) in zip(items, paths, found, sources):
                     produced.add(path)
-                    controls = list(zip(control_sources, batch.key.control_sizes))
-                    expected = latent_identity(batch.bucket, model_version, vae_identity, source, controls)
-                    found = read_cache_metadata(path) if skip_existing and path.exists() else None
-                    if found is not None and not stale_reasons(found, expected):
-                        report.skipped.append(path)
-                        continue
-                    if found is not None:
-                        logger.info("%s is stale (%s): re-encoding", path.name, "; ".join(stale_reasons(found, expected)))
-                    work.append((item, path, source, controls))
+                    controls = list(zip(fingerprints[1:], batch.key.control_sizes))
+                    expected = latent_identity(batch.bucket, model_version, vae_identity, fingerprints[0], controls)
+                    if meta is not None:
+                        reasons = header_problems(meta, arch_code) + stale_reasons(meta, expected)
+                        if not reasons:
+                            report.skipped.append(path)
+                            restamp_sources(path, meta, stats)
+                            continue
+                        logger.info("%s is stale (%s): re-encoding", path.name, "; ".join(reasons))
+                    work.append((item, path, fingerprints[0], controls, stats))
                 if work:
                     loaded = list(pool.map(load_item, [w[0] for w in work], repeat(batch.bucket), repeat(dataset)))
                     _write_batch(arch, arch_code, vae, batch.bucket, work, loaded, batch_size or dataset.batch_size,
                                  model_version, vae_identity, report)
                 progress.update(len(items))
             progress.close()
-            remove_orphans(dataset.cache_directory, f"*_{arch_code}.safetensors", produced, keep_cache, report)
+            remove_orphans(dataset.cache_directory, arch_code, "latent", produced, keep_cache, report)
     return report
 
 
@@ -127,10 +152,11 @@ def _write_batch(
     targets = _encode(arch, vae, [data.target for data in loaded], chunk)
     num_controls = len(loaded[0].controls)
     control_latents = [_encode(arch, vae, [data.controls[j] for data in loaded], chunk) for j in range(num_controls)]
-    for i, (item, path, source, controls) in enumerate(work):
+    for i, (item, path, source, controls, stats) in enumerate(work):
         tensors = {latent_key(targets[i]): targets[i]}
         for j in range(num_controls):
             tensors[latent_key(control_latents[j][i], f"latents_control_{j}")] = control_latents[j][i]
-        meta = latent_metadata(arch_code, item.original_size, bucket, model_version, vae_identity, source, controls)
+        meta = latent_metadata(arch_code, item.original_size, bucket, model_version, vae_identity, source, controls,
+                               stats)
         write_cache_file(path, tensors, meta)
         report.written.append(path)

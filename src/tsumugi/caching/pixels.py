@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tsumugi.caching.fingerprint import file_fingerprint
+from tsumugi.caching.fingerprint import current_fingerprints
+from tsumugi.caching.metadata import recorded_latent_sources
 from tsumugi.data.buckets import resize_control, resize_to_bucket
 from tsumugi.data.config import DatasetConfig
 from tsumugi.data.images import load_image
@@ -40,6 +41,8 @@ def load_control(path, bucket: tuple[int, int], dataset: DatasetConfig):
     return resize_control(load_image(path), bucket, dataset.control_resolution, dataset.no_resize_control)
 
 
-def item_fingerprints(item: ImageItem) -> tuple[str, list[str]]:
-    """(target fingerprint, control fingerprints)."""
-    return file_fingerprint(item.image_path), [file_fingerprint(p) for p in item.control_paths]
+def item_sources(item: ImageItem, found: dict[str, str] | None) -> tuple[list[str], list[str | None]]:
+    """(fingerprints, stat tokens) of the target and each control; ``found``: the existing cache's
+    metadata, whose fingerprints are reused for files whose size and mtime did not change."""
+    recorded = recorded_latent_sources(found) if found else ([], [])
+    return current_fingerprints([item.image_path, *item.control_paths], *recorded)

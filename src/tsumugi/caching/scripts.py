@@ -14,6 +14,7 @@ from tsumugi.arch.base import Architecture
 from tsumugi.cli.cache_args import build_cache_latents_parser, build_cache_text_parser
 from tsumugi.cli.generate_args import resolve_model_version
 from tsumugi.data.config import DatasetConfig, load_dataset_config
+from tsumugi.data.problems import short_list
 from tsumugi.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ def _report(kind: str, report) -> None:
         "%s caches: %d written, %d current and skipped, %d orphans removed, %d orphans kept",
         kind, len(report.written), len(report.skipped), len(report.removed), len(report.kept_orphans),
     )
+    if report.not_caches:
+        logger.warning(
+            "left %d file(s) alone that are named like %s caches but are not caches: %s",
+            len(report.not_caches), kind, short_list([str(p) for p in report.not_caches]),
+        )
 
 
 def cache_latents_main(arch_name: str, argv: list[str] | None = None) -> int:

@@ -20,14 +20,20 @@ from tsumugi.caching.cache_files import (
     varlen_key,
     write_cache_file,
 )
-from tsumugi.caching.fingerprint import file_fingerprint
-from tsumugi.caching.latent_cache import CacheReport, remove_orphans
-from tsumugi.caching.metadata import text_identity, text_metadata
+from tsumugi.caching.fingerprint import current_fingerprints
+from tsumugi.caching.latent_cache import CacheReport, remove_orphans, restamp_sources
+from tsumugi.caching.metadata import (
+    header_problems,
+    recorded_text_sources,
+    text_identity,
+    text_metadata,
+    text_uses_images,
+)
 from tsumugi.caching.pixels import load_control
 from tsumugi.data.batching import caching_batches
 from tsumugi.data.buckets import resize_to_bucket
 from tsumugi.data.config import DatasetConfig
-from tsumugi.data.items import ImageItem
+from tsumugi.data.items import ImageItem, list_items
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +53,55 @@ def vl_control_images(item: ImageItem, bucket: tuple[int, int], dataset: Dataset
     return images
 
 
+def _control_sources(item: ImageItem, found: dict[str, str] | None) -> tuple[list[str], list[str | None]]:
+    """(fingerprints, stat tokens) of the control images the VL encoder sees."""
+    recorded = recorded_text_sources(found) if found else ([], [])
+    return current_fingerprints(list(item.control_paths), *recorded)
+
+
+def token_limit(arch: Architecture, model_version: str) -> tuple[int, Any] | None:
+    """(limit, template) of the tokens the text encoder keeps, or None when nothing is truncated.
+
+    Z-Image keeps 512 tokens of the chat text (template included); Qwen-Image 1024 after the template
+    prefix; the Edit versions have no limit.
+    """
+    if arch.name == "zimage":
+        from tsumugi.text.zimage_prompt import ZIMAGE_MAX_LENGTH
+
+        return ZIMAGE_MAX_LENGTH, None
+    if model_version == "original":
+        from tsumugi.text.qwen_image_prompt import TEXT_TO_IMAGE_TEMPLATE as template
+
+        return template.max_length + template.drop_idx, template
+    return None
+
+
+def warn_truncated_captions(
+    arch: Architecture, tokenizer: Any, items: list[ImageItem], model_version: str
+) -> list[ImageItem]:
+    """Items whose caption is cut at the text encoder's token limit; logs one warning counting them."""
+    limit = token_limit(arch, model_version)
+    if limit is None or not items:
+        return []
+    max_tokens, template = limit
+    if template is None:
+        from tsumugi.text.zimage_prompt import render_zimage_prompt
+
+        texts = [render_zimage_prompt(tokenizer, item.caption) for item in items]
+    else:
+        texts = [template.template.format(item.caption) for item in items]
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    long = [item for item, n in zip(items, lengths) if n > max_tokens]
+    if long:
+        from tsumugi.data.problems import short_list
+
+        logger.warning(
+            "%d caption(s) exceed the text encoder's limit of %d tokens (prompt with its chat template) and "
+            "are truncated: %s", len(long), max_tokens, short_list([str(item.image_path) for item in long]),
+        )
+    return long
+
+
 def cache_text_outputs(
     arch: Architecture,
     arch_code: str,
@@ -64,8 +119,9 @@ def cache_text_outputs(
 ) -> CacheReport:
     """Encode every caption; Edit versions feed each item's control images to the VL encoder too."""
     report = CacheReport()
-    uses_images = model_version not in ("original", "layered") and arch_code == "qie"
+    uses_images = text_uses_images(arch_code, model_version)
     produced: dict[Path, set[Path]] = {}
+    warn_truncated_captions(arch, tokenizer, [item for d in datasets for item in list_items(d)], model_version)
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         for dataset in datasets:
             remove_temporaries(dataset.cache_directory)
@@ -74,20 +130,21 @@ def cache_text_outputs(
             progress = tqdm(total=sum(len(b.items) for b in batches), desc=f"text {dataset.name}", unit="item")
             for batch in batches:
                 items = list(batch.items)
-                controls = list(pool.map(lambda i: [file_fingerprint(p) for p in i.control_paths], items)) if (
-                    uses_images) else [[] for _ in items]
+                paths = [text_path(dataset, item, arch_code) for item in items]
+                found = [read_cache_metadata(p) if skip_existing and p.exists() else None for p in paths]
+                sources = list(pool.map(_control_sources, items, found)) if uses_images else [([], [])] * len(items)
                 work = []
-                for item, fps in zip(items, controls):
-                    path = text_path(dataset, item, arch_code)
+                for item, path, meta, (fps, stats) in zip(items, paths, found, sources):
                     keep.add(path)
                     expected = text_identity(item.caption, model_version, encoder_identity, fps)
-                    found = read_cache_metadata(path) if skip_existing and path.exists() else None
-                    if found is not None and not stale_reasons(found, expected):
-                        report.skipped.append(path)
-                        continue
-                    if found is not None:
-                        logger.info("%s is stale (%s): re-encoding", path.name, "; ".join(stale_reasons(found, expected)))
-                    work.append((item, path, fps))
+                    if meta is not None:
+                        reasons = header_problems(meta, arch_code) + stale_reasons(meta, expected)
+                        if not reasons:
+                            report.skipped.append(path)
+                            restamp_sources(path, meta, stats)
+                            continue
+                        logger.info("%s is stale (%s): re-encoding", path.name, "; ".join(reasons))
+                    work.append((item, path, fps, stats))
                 chunk = batch_size or dataset.batch_size
                 for start in range(0, len(work), chunk):
                     part = work[start : start + chunk]
@@ -99,15 +156,15 @@ def cache_text_outputs(
                         embeds = arch.encode_prompts_with_images(
                             text_encoder, tokenizer, [w[0].caption for w in part], images, model_version, device
                         )
-                    for (item, path, fps), embed in zip(part, embeds):
+                    for (item, path, fps, stats), embed in zip(part, embeds):
                         embed = embed.detach().cpu()
                         if embed.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                             embed = embed.to(torch.bfloat16)
-                        meta = text_metadata(arch_code, item.caption, model_version, encoder_identity, fps)
+                        meta = text_metadata(arch_code, item.caption, model_version, encoder_identity, fps, stats)
                         write_cache_file(path, {varlen_key(arch.text_cache_name, embed): embed}, meta)
                         report.written.append(path)
                 progress.update(len(items))
             progress.close()
     for directory, keep in produced.items():
-        remove_orphans(directory, f"*_{arch_code}_te.safetensors", keep, keep_cache, report)
+        remove_orphans(directory, arch_code, "text", keep, keep_cache, report)
     return report

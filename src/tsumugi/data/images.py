@@ -77,9 +77,34 @@ def _decode(img: Image.Image, path: Path) -> None:
         raise UserError(f"{path}: corrupt or truncated image ({exc})") from None
 
 
-def _orientation(img: Image.Image) -> int:
+def _png_exif(path: Path) -> bytes | None:
+    """The eXIf chunk of a PNG found by walking the chunk headers (no pixel data is decompressed).
+
+    Pillow's ``getexif`` on a PNG decodes the whole image to look for an eXIf chunk after the pixels.
+    """
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while len(head := f.read(8)) == 8:
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"eXIf":
+                return f.read(length)
+            if kind == b"IEND":
+                return None
+            f.seek(length + 4, os.SEEK_CUR)
+    return None
+
+
+def _orientation(img: Image.Image, path: Path | None = None) -> int:
     try:
-        value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+        if path is not None and img.format == "PNG" and "exif" not in img.info:
+            exif = Image.Exif()
+            raw = _png_exif(path)
+            if raw:
+                exif.load(raw)
+        else:
+            exif = img.getexif()
+        value = exif.get(_EXIF_ORIENTATION_TAG, 1)
     except Exception:  # malformed EXIF: treat as unrotated, exactly like load_image does
         return 1
     return value if isinstance(value, int) else 1
@@ -100,7 +125,7 @@ def probe_image(path: str | os.PathLike[str], *, decode: bool = True) -> ImageIn
         if decode:
             _decode(img, path)
         width, height = img.size
-        if _orientation(img) in _SWAPPING_ORIENTATIONS:
+        if _orientation(img, None if decode else path) in _SWAPPING_ORIENTATIONS:
             width, height = height, width
         return ImageInfo(width=width, height=height, mode=img.mode, has_alpha=_has_alpha(img))
 

@@ -146,6 +146,7 @@ def scan_items(dataset: DatasetConfig, problems: Problems, *, verify_images: boo
         return []
     items = _check_images(dataset, drafts, problems, verify_images)
     _check_unique_stems(dataset, items, problems)
+    _warn_empty_captions(dataset, items, problems)
     return sorted(items, key=lambda item: str(item.image_path))
 
 
@@ -539,3 +540,14 @@ def _check_unique_stems(dataset: DatasetConfig, items: list[ImageItem], problems
                 f"{names} share the file stem '{stem}' and would write the same cache files; "
                 "rename all but one",
             )
+
+
+def _warn_empty_captions(dataset: DatasetConfig, items: list[ImageItem], problems: Problems) -> None:
+    """Items are trained on with an empty caption (as in Musubi), but a failed captioning run must show."""
+    empty = sorted(str(item.image_path) for item in items if not item.caption)
+    if empty:
+        problems.warn(
+            dataset.name,
+            f"{len(empty)} of {len(items)} item(s) have an empty caption (trained unconditionally; "
+            f"did a captioning run fail?): {short_list(empty)}",
+        )

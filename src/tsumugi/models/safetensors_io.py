@@ -300,10 +300,41 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_default_mode(path: str | Path) -> None:
+    """Give a file written under a temporary name the mode of an ordinary new file (``0666 & ~umask``).
+
+    Some writers (the safetensors library, ``tempfile``) create files as 0600, and a rename keeps that
+    mode: a LoRA would then be unreadable to e.g. ComfyUI running as another user.
+    """
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def give_default_modes(directory: str | Path) -> None:
+    """:func:`apply_default_mode` for every file under ``directory`` (e.g. accelerate's state folder)."""
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            apply_default_mode(path)
+
+
 def replace_atomic(tmp: Path, path: Path) -> None:
-    """fsync ``tmp``, rename it over ``path`` and fsync the directory."""
+    """fsync ``tmp``, give it the umask's mode, rename it over ``path`` and fsync the directory."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    apply_default_mode(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 

@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save, save_file
 
+from tsumugi.models.safetensors_io import apply_default_mode
 from tsumugi.networks.lora import LoRANetwork
 
 LAYOUTS = ("musubi", "diffusion_model", "diffusers")
@@ -139,6 +140,7 @@ def save_lora(
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        apply_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -63,11 +63,14 @@ def save_latent(latent: torch.Tensor, directory: str | Path, stem: str, metadata
     """Write a latent file Musubi can decode: one tensor named ``latent`` plus string metadata."""
     from safetensors.torch import save_file
 
+    from tsumugi.models.safetensors_io import apply_default_mode
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{stem}.{os.getpid()}.tmp.safetensors"
     try:
         save_file({"latent": latent.detach().cpu().contiguous()}, str(tmp), metadata=metadata)
+        apply_default_mode(tmp)
         return _claim_unique(directory, stem + "_latent", ".safetensors", tmp)
     finally:
         tmp.unlink(missing_ok=True)

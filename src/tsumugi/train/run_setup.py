@@ -22,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tsumugi.arch import get_architecture
 from tsumugi.arch.base import Architecture
-from tsumugi.caching.validate import check_caches
+from tsumugi.caching.validate import check_caches_once
 from tsumugi.data.config import DatasetConfig, load_dataset_config
 from tsumugi.errors import UserError
 from tsumugi.train.accelerator_options import (
@@ -115,8 +115,9 @@ def start_run(arch_name: str, args: argparse.Namespace) -> TrainingRun:
     if model_version == "layered":
         raise UserError("--model_version layered: Qwen-Image-Layered training is not supported yet")
     arch_code = arch.cache_arch_code(model_version)
-    datasets = load_dataset_config(args.dataset_config, args, architecture=arch_code)
-    cached = check_caches(datasets, arch_code, model_version, arch.name)
+    # images are not decoded here (caching did): the cache check notices any change to them
+    datasets = load_dataset_config(args.dataset_config, args, architecture=arch_code, verify_images=False)
+    cached = check_caches_once(datasets, arch_code, model_version, arch.name)
     data = CachedTrainingData(datasets, cached, arch.text_cache_name)
     seed = resolve_seed(args)
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tsumugi.errors import UserError
+from tsumugi.models.safetensors_io import give_default_modes
 
 STATE_FILE = "tsumugi_state.json"
 
@@ -39,6 +40,7 @@ def save_state(accelerator, progress: TrainProgress, directory: Path) -> Path:
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
+        give_default_modes(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(progress), indent=1))
         if directory.exists():
             old = directory.with_name(directory.name + ".old")
