@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tsumugi.errors import UserError
-from tsumugi.train.state import TrainProgress, save_state
+from tsumugi.train.state import TrainingState, TrainProgress
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +24,11 @@ class CheckpointHooks:
     whose dropout must be off), or ``None``.
     """
 
-    def __init__(self, *, args, accelerator, save_weights: Callable[[Path, TrainProgress], None],
+    def __init__(self, *, args, accelerator, state: TrainingState, save_weights: Callable[[Path, TrainProgress], None],
                  trainable: torch.nn.Module | None, dit, optimizer, max_steps, sampler, swapper,
                  histograms) -> None:
         self.args, self.acc, self.save_weights, self.trainable = args, accelerator, save_weights, trainable
+        self.state = state
         self.dit, self.optimizer, self.max_steps = dit, optimizer, max_steps
         self.sampler, self.swapper, self.histograms = sampler, swapper, histograms
         self.epoch_first_step = 0
@@ -55,7 +56,7 @@ class CheckpointHooks:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def save_state(self, name: str, progress: TrainProgress) -> None:
-        save_state(self.acc, progress, self.output / name)
+        self.state.save(progress, self.output / name)
 
     def sample(self, label: str) -> None:
         if self.sampler is None or not self.acc.is_main_process:

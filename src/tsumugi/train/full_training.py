@@ -28,6 +28,7 @@ from tsumugi.train.run_setup import (
     COMPUTE_DTYPES,
     SAVE_DTYPES,
     TrainingResult,
+    check_resume_folder,
     load_training_dit,
     max_train_steps,
     run_training,
@@ -62,6 +63,7 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     from tsumugi.train.optimizers import create_optimizer
 
     run = start_run(arch_name, args)
+    check_resume_folder(run, network=False)
     accelerator = run.accelerator
     weight_dtype = torch.bfloat16 if args.full_bf16 else torch.float32
     dit, swapper = load_training_dit(run, weight_dtype, trainable=True)
@@ -74,7 +76,6 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     lr_scheduler = create_lr_scheduler(args, raw_optimizer, max_steps, accelerator.num_processes,
                                        optimizer_info=info)
     optimizer, lr_scheduler = accelerator.prepare(raw_optimizer, lr_scheduler)
-    accelerator.register_for_checkpointing(dit)
 
     fused = None
     if args.fused_backward_pass:
@@ -103,7 +104,7 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
 
     return run_training(run, dit=dit, swapper=swapper, params=params, optimizer=optimizer,
                         lr_scheduler=lr_scheduler, save_weights=save_weights, trainable=None,
-                        tracker_name="fine-tuning", dtype=COMPUTE_DTYPES[args.mixed_precision], fused=fused,
+                        state_module=dit, tracker_name="fine-tuning", dtype=COMPUTE_DTYPES[args.mixed_precision], fused=fused,
                         before_step=before_step)
 
 

@@ -15,6 +15,7 @@ from tsumugi.train.run_setup import (
     COMPUTE_DTYPES,
     SAVE_DTYPES,
     TrainingResult,
+    check_resume_folder,
     load_training_dit,
     max_train_steps,
     run_training,
@@ -44,6 +45,7 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     from tsumugi.train.optimizers import create_optimizer
 
     run = start_run(arch_name, args)
+    check_resume_folder(run, network=True)
     accelerator = run.accelerator
     dtype = COMPUTE_DTYPES[args.mixed_precision]
     dit, swapper = load_training_dit(run, dtype, trainable=False)
@@ -67,7 +69,6 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     max_steps = max_train_steps(run)
     lr_scheduler = create_lr_scheduler(args, optimizer, max_steps, accelerator.num_processes, optimizer_info=info)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    accelerator.register_for_checkpointing(network)
     save_dtype = SAVE_DTYPES[args.save_precision or "fp32"]
 
     def save_weights(path: Path, progress: TrainProgress) -> None:
@@ -85,7 +86,7 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
 
     return run_training(run, dit=dit, swapper=swapper, params=list(network.parameters()), optimizer=optimizer,
                         lr_scheduler=lr_scheduler, save_weights=save_weights, trainable=network,
-                        tracker_name="network_train", dtype=dtype, after_step=after_step)
+                        state_module=network, tracker_name="network_train", dtype=dtype, after_step=after_step)
 
 
 def train_network_main(arch_name: str, argv: list[str] | None = None) -> int:

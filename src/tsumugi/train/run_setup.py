@@ -25,7 +25,7 @@ from tsumugi.data.config import DatasetConfig, load_dataset_config
 from tsumugi.errors import UserError
 from tsumugi.train.cached_data import CachedTrainingData
 from tsumugi.train.checkpoint_hooks import CheckpointHooks
-from tsumugi.train.state import TrainProgress, load_state
+from tsumugi.train.state import TrainingState, TrainProgress, check_resume, run_identity
 from tsumugi.train.trainer import TrainingLoop, resolve_seed, steps_per_epoch
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,10 @@ class TrainingRun:
     log_with: str | None
     session_id: int = field(default_factory=lambda: random.SystemRandom().randint(0, 2**31))
     started: float = field(default_factory=time.time)
+    identity: dict = field(default_factory=dict)
+    """what defines the run (stored in states, checked on resume)"""
+    resume_state: dict | None = None
+    """the checked state file of ``--resume``"""
 
     @property
     def device(self) -> torch.device:
@@ -172,12 +176,27 @@ def max_train_steps(run: TrainingRun) -> int:
     return args.max_train_steps
 
 
-def resume_progress(run: TrainingRun) -> TrainProgress:
-    """A fresh start, or the position saved in ``--resume`` (after accelerate has restored its objects)."""
+def check_resume_folder(run: TrainingRun, *, network: bool) -> None:
+    """Record what defines the run; check ``--resume`` against it before any model loads."""
+    run.identity = run_identity(run.arch.name, run.model_version, run.args, run.datasets,
+                                run.accelerator.num_processes, network=network)
+    if run.args.resume:
+        acc = run.accelerator
+        if acc.is_main_process:
+            run.resume_state = check_resume(run.args.resume, run.identity)
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            run.resume_state = check_resume(run.args.resume, run.identity, main_process=False)
+
+
+def resume_progress(run: TrainingRun, state: TrainingState) -> TrainProgress:
+    """A fresh start, or the position saved in ``--resume`` (its objects restored into ``state``'s)."""
     args = run.args
     if not args.resume:
         return TrainProgress(seed=run.seed)
-    progress = load_state(run.accelerator, args.resume)
+    if run.resume_state is None:
+        check_resume_folder(run, network=run.identity.get("training") == "LoRA")
+    progress = state.load(Path(args.resume), run.resume_state)
     if progress.seed != run.seed and args.seed is not None:
         logger.warning("--seed %d differs from the resumed run's %d: the resumed run's seed is used", run.seed,
                        progress.seed)
@@ -205,18 +224,20 @@ def run_training(
     trainable: torch.nn.Module | None,
     tracker_name: str,
     dtype: torch.dtype,
+    state_module: torch.nn.Module,
     fused=None,
     before_step: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
 ) -> TrainingResult:
     """Resume, then run the loop with saving/sampling hooks, then write the final weights and state.
 
-    ``optimizer`` and ``lr_scheduler`` must already be prepared by the accelerator and every object the
-    state must hold registered for checkpointing.
+    ``optimizer`` and ``lr_scheduler`` must already be prepared by the accelerator; ``state_module`` is
+    the module whose weights a state folder holds (the LoRA network or the DiT).
     """
     args, accelerator = run.args, run.accelerator
     max_steps = args.max_train_steps
-    progress = resume_progress(run)
+    state = TrainingState(accelerator, state_module, optimizer, lr_scheduler, run.identity, args)
+    progress = resume_progress(run, state)
     if run.log_with:
         accelerator.init_trackers(args.log_tracker_name or tracker_name, config=None)
     sampler = None
@@ -224,7 +245,8 @@ def run_training(
         from tsumugi.train.sample_prompts import TrainingSampler
 
         sampler = TrainingSampler(run.arch, args, run.device, dtype, accelerator.is_main_process)
-    hooks = CheckpointHooks(args=args, accelerator=accelerator, save_weights=save_weights, trainable=trainable,
+    hooks = CheckpointHooks(args=args, accelerator=accelerator, state=state, save_weights=save_weights,
+                            trainable=trainable,
                             dit=dit, optimizer=optimizer, max_steps=max_steps, sampler=sampler, swapper=swapper,
                             histograms=_histogram_writer(accelerator) if run.log_with else None)
     loop = TrainingLoop(arch=run.arch, dit=dit, params=params, data=run.data, optimizer=optimizer,
