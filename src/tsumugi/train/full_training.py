@@ -28,7 +28,7 @@ from tsumugi.train.run_setup import (
     COMPUTE_DTYPES,
     SAVE_DTYPES,
     TrainingResult,
-    check_resume_folder,
+    claim_outputs,
     load_training_dit,
     max_train_steps,
     run_training,
@@ -63,7 +63,7 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     from tsumugi.train.optimizers import create_optimizer
 
     run = start_run(arch_name, args)
-    check_resume_folder(run, network=False)
+    claim_outputs(run, network=False)
     accelerator = run.accelerator
     weight_dtype = torch.bfloat16 if args.full_bf16 else torch.float32
     dit, swapper = load_training_dit(run, weight_dtype, trainable=True)

@@ -15,7 +15,7 @@ from tsumugi.train.run_setup import (
     COMPUTE_DTYPES,
     SAVE_DTYPES,
     TrainingResult,
-    check_resume_folder,
+    claim_outputs,
     load_training_dit,
     max_train_steps,
     run_training,
@@ -45,7 +45,7 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     from tsumugi.train.optimizers import create_optimizer
 
     run = start_run(arch_name, args)
-    check_resume_folder(run, network=True)
+    claim_outputs(run, network=True)
     accelerator = run.accelerator
     dtype = COMPUTE_DTYPES[args.mixed_precision]
     dit, swapper = load_training_dit(run, dtype, trainable=False)

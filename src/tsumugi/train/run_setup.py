@@ -22,9 +22,11 @@ from tsumugi.arch import get_architecture
 from tsumugi.arch.base import Architecture
 from tsumugi.caching.validate import check_caches
 from tsumugi.data.config import DatasetConfig, load_dataset_config
-from tsumugi.errors import UserError
+from tsumugi.errors import RunInterrupted, UserError
 from tsumugi.train.cached_data import CachedTrainingData
 from tsumugi.train.checkpoint_hooks import CheckpointHooks
+from tsumugi.train.interrupts import StopRequest
+from tsumugi.train.output_lock import OutputLock
 from tsumugi.train.state import TrainingState, TrainProgress, check_resume, run_identity
 from tsumugi.train.trainer import TrainingLoop, resolve_seed, steps_per_epoch
 
@@ -74,6 +76,7 @@ class TrainingRun:
     """what defines the run (stored in states, checked on resume)"""
     resume_state: dict | None = None
     """the checked state file of ``--resume``"""
+    lock: OutputLock | None = None
 
     @property
     def device(self) -> torch.device:
@@ -176,6 +179,18 @@ def max_train_steps(run: TrainingRun) -> int:
     return args.max_train_steps
 
 
+def claim_outputs(run: TrainingRun, *, network: bool) -> None:
+    """Lock ``--output_dir``/``--output_name``, then check ``--resume`` (before any model loads)."""
+    if run.accelerator.is_main_process:
+        run.lock = OutputLock.acquire(run.args.output_dir, run.args.output_name)
+    try:
+        check_resume_folder(run, network=network)
+    except BaseException:
+        if run.lock is not None:
+            run.lock.release()
+        raise
+
+
 def check_resume_folder(run: TrainingRun, *, network: bool) -> None:
     """Record what defines the run; check ``--resume`` against it before any model loads."""
     run.identity = run_identity(run.arch.name, run.model_version, run.args, run.datasets,
@@ -203,6 +218,19 @@ def resume_progress(run: TrainingRun, state: TrainingState) -> TrainProgress:
     logger.info("resumed at step %d (epoch %d, batch %d)", progress.global_step, progress.epoch + 1,
                 progress.batch_index)
     return progress
+
+
+def _save_interrupted(run: TrainingRun, hooks: CheckpointHooks, progress: TrainProgress, stop: StopRequest):
+    """Save the weights and the state of an interrupted run, then raise :class:`RunInterrupted`."""
+    name = f"{run.args.output_name}-interrupted"
+    path = hooks.save(name, progress)
+    hooks.save_state(f"{name}-state", progress)
+    run.accelerator.end_training()
+    state_dir = Path(run.args.output_dir) / f"{name}-state"
+    raise RunInterrupted(
+        f"{stop.name} after step {progress.global_step}: saved the weights to {path or 'the main process'} and "
+        f"the state to {state_dir}; to continue, run the same command with --resume {state_dir}", stop.exit_code
+    )
 
 
 def _histogram_writer(accelerator):
@@ -234,6 +262,18 @@ def run_training(
     ``optimizer`` and ``lr_scheduler`` must already be prepared by the accelerator; ``state_module`` is
     the module whose weights a state folder holds (the LoRA network or the DiT).
     """
+    try:
+        return _run_training(run, dit=dit, swapper=swapper, params=params, optimizer=optimizer,
+                             lr_scheduler=lr_scheduler, save_weights=save_weights, trainable=trainable,
+                             tracker_name=tracker_name, dtype=dtype, state_module=state_module, fused=fused,
+                             before_step=before_step, after_step=after_step)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _run_training(run: TrainingRun, *, dit, swapper, params, optimizer, lr_scheduler, save_weights, trainable,
+                  tracker_name, dtype, state_module, fused, before_step, after_step) -> TrainingResult:
     args, accelerator = run.args, run.accelerator
     max_steps = args.max_train_steps
     state = TrainingState(accelerator, state_module, optimizer, lr_scheduler, run.identity, args)
@@ -249,13 +289,16 @@ def run_training(
                             trainable=trainable,
                             dit=dit, optimizer=optimizer, max_steps=max_steps, sampler=sampler, swapper=swapper,
                             histograms=_histogram_writer(accelerator) if run.log_with else None)
-    loop = TrainingLoop(arch=run.arch, dit=dit, params=params, data=run.data, optimizer=optimizer,
-                        lr_scheduler=lr_scheduler, accelerator=accelerator, args=args, progress=progress,
-                        max_steps=max_steps, hooks=hooks, fused=fused, before_step=before_step,
-                        after_step=after_step)
-    if args.sample_at_first and progress.global_step == 0:
-        hooks.sample("000000")
-    loop.run()
+    with StopRequest() as stop:
+        loop = TrainingLoop(arch=run.arch, dit=dit, params=params, data=run.data, optimizer=optimizer,
+                            lr_scheduler=lr_scheduler, accelerator=accelerator, args=args, progress=progress,
+                            max_steps=max_steps, hooks=hooks, fused=fused, before_step=before_step,
+                            after_step=after_step, stop=stop)
+        if args.sample_at_first and progress.global_step == 0:
+            hooks.sample("000000")
+        loop.run()
+        if loop.stopped:
+            _save_interrupted(run, hooks, progress, stop)
 
     final = hooks.save(args.output_name, progress)
     if args.save_state_on_train_end or args.save_state:

@@ -372,6 +372,15 @@ class TrainingState:
         """Write the state to ``<directory>.tmp``, then rename it into place (an older one is replaced)."""
         acc, directory = self.accelerator, Path(directory)
         tmp = _sibling(directory, ".tmp")
+        try:
+            return self._save(progress, directory, tmp)
+        except BaseException:
+            if acc.is_main_process and (tmp / MARKER).is_file():
+                shutil.rmtree(tmp, ignore_errors=True)  # ours and unfinished; the previous state is intact
+            raise
+
+    def _save(self, progress: TrainProgress, directory: Path, tmp: Path) -> Path:
+        acc = self.accelerator
         if acc.is_main_process:
             recover_state_folder(directory)
             tmp.mkdir(parents=True)
