@@ -339,7 +339,11 @@ def free_bytes(directory: Path) -> int | None:
 
 
 def _raise_if_disk_full(exc: BaseException, path: Path, needed: int) -> None:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    """Re-raise a full disk (an OSError, or the safetensors library's error for one) as :class:`DiskFullError`."""
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = full or (not isinstance(exc, OSError) and isinstance(exc, Exception)
+                    and any(s in str(exc) for s in ("StorageFull", "No space left", "code: 28")))
+    if full:
         raise DiskFullError(path, needed, free_bytes(path.parent)) from exc
 
 

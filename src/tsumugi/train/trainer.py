@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from tsumugi.arch.base import Architecture, ImageGeometry, PromptEmbeds
 from tsumugi.caching.validate import CachedItem
 from tsumugi.errors import UserError
+from tsumugi.fault_points import pause_point
 from tsumugi.train.cached_data import CachedTrainingData
 from tsumugi.train.loss_weighting import loss_weights, noisy_input
 from tsumugi.train.state import TrainProgress
@@ -206,6 +207,7 @@ class TrainingLoop:
             self.hooks.on_step(progress, total, average, torch.cat(all_sigmas))
             if epoch_ended:
                 self.hooks.on_epoch_end(progress)
+            pause_point("train-step")
             if self.stop is not None and self._anywhere(self.stop.requested):
                 self.stopped = True
                 break
