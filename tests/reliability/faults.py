@@ -75,3 +75,22 @@ def write_crafted_pickle(target: Path, evidence: Path) -> None:
         torch.save({"state": _CreatesFile(evidence)}, target)
     else:
         target.write_bytes(pickle.dumps({"state": _CreatesFile(evidence)}))
+
+
+class PoisonedSGD(torch.optim.SGD):
+    """SGD whose second step turns every weight into inf: an update that overflows, on cue
+    (``--optimizer_type faults.PoisonedSGD``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps_done = 0
+
+    def step(self, closure=None):
+        result = super().step(closure)
+        self.steps_done += 1
+        if self.steps_done == 2:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.fill_(float("inf"))
+        return result
