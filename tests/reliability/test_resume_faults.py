@@ -253,6 +253,8 @@ def test_a_second_sigint_aborts_at_once(cached, tmp_path):  # noqa: F811
     proc = launch(train_argv(toml, files, out, "--max_train_steps", "4"), pause="train-step:1", seconds=600)
     wait_paused(proc, "train-step")
     proc.send_signal(signal.SIGINT)
+    while "stopping after the current optimizer step" not in proc.stderr.readline():  # the first was handled
+        pass
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "aborted without saving" in err and "Traceback" not in err
