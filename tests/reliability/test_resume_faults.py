@@ -327,8 +327,19 @@ def test_kill_9_inside_a_save_loses_nothing(point, two_step_state, tmp_path):
                              "--save_state"), pause=point)
     wait_paused(proc, point)
     kill_hard(proc)
-    if point.startswith("file-"):  # killed while writing the final weights: the previous file is untouched
+    def step_of(folder: Path) -> int:
+        return json.loads((folder / STATE_FILE).read_text())["progress"]["global_step"]
+
+    # what the kill left: proof that it came inside the intended window
+    if point.startswith("file-"):  # writing the final weights: the previous file is untouched
         assert (out / "lora.safetensors").read_bytes() == before
+        assert len(list(out.glob(f".lora.safetensors.{proc.pid}.tmp"))) == 1
+    elif point.startswith("state-write"):
+        assert (out / "lora-state.tmp" / MARKER).is_file() and step_of(out / "lora-state") == 2
+    elif point.startswith("state-rename"):
+        assert not (out / "lora-state").exists() and step_of(out / "lora-state.old") == 2
+    else:
+        assert step_of(out / "lora-state") == 4 and (out / "lora-state.old").is_dir()
     resumed = run("zimage", toml, files, tmp_path / "r", "--max_train_steps", "4", "--resume",
                   str(out / "lora-state"))
     assert resumed.global_step == 4 and same_weights(resumed.path, reference)
