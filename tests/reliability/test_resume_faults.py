@@ -344,3 +344,43 @@ def test_kill_9_inside_a_save_loses_nothing(point, two_step_state, tmp_path):
                   str(out / "lora-state"))
     assert resumed.global_step == 4 and same_weights(resumed.path, reference)
     assert not (out / "lora-state.old").exists() and not (out / "lora-state.tmp").exists()
+
+
+# ---- exact resume under the other training modes ------------------------------------------------------------------
+def test_full_fine_tune_resume_with_fused_adafactor_and_block_swap_is_exact(cached, tmp_path):  # noqa: F811
+    from test_full_training import ADAFACTOR, assert_same_files, four_layer_zimage, run_full
+
+    toml, files = cached("zimage")
+    files = four_layer_zimage(files, tmp_path)
+    extra = (*ADAFACTOR, "--fused_backward_pass", "--blocks_to_swap", "1", "--gradient_checkpointing",
+             "--gradient_accumulation_steps", "2", "--max_train_steps", "2")
+    full = run_full("zimage", toml, files, tmp_path / "full", *extra, "--save_state", "--save_every_n_steps", "1")
+    resumed = run_full("zimage", toml, files, tmp_path / "r", *extra, "--resume",
+                       str(tmp_path / "full/dit-step00000001-state"))
+    assert resumed.losses == full.losses[1:]
+    assert_same_files(tmp_path / "full/dit.safetensors", tmp_path / "r/dit.safetensors")
+
+
+def test_two_process_resume_is_exact(cached, tmp_path):  # noqa: F811
+    import sys
+
+    from test_train_network import REPO, _free_port
+
+    toml, files = cached("zimage")
+
+    def launch_two(out: Path, *extra: str) -> None:
+        # torchrun starts two processes; ACCELERATE_USE_CPU makes accelerate join them over gloo
+        # (``accelerate launch --cpu --num_processes 2`` starts a single process)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                   "--master_port", str(_free_port()), str(REPO / "src/tsumugi/zimage_train_network.py"),
+                   *train_argv(toml, files, out, "--max_train_steps", "2", *extra)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1"))
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    launch_two(tmp_path / "full", "--save_state", "--save_every_n_steps", "1")
+    state = tmp_path / "full/lora-step00000001-state"
+    assert sorted(p.name for p in state.glob("rng-*.json")) == ["rng-0.json", "rng-1.json"]
+    assert json.loads((state / STATE_FILE).read_text())["processes"] == 2
+    launch_two(tmp_path / "r", "--resume", str(state))
+    assert same_weights(tmp_path / "full/lora.safetensors", tmp_path / "r/lora.safetensors")
