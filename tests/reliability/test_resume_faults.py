@@ -77,6 +77,9 @@ def test_a_state_in_the_old_pickle_format_is_refused(two_step_state, tmp_path):
     (old / STATE_FILE).write_text(json.dumps({"global_step": 2, "epoch": 1, "batch_index": 0, "seed": 11}))
     with pytest.raises(UserError, match="older format.*pickle"):
         run("zimage", toml, files, tmp_path / "x", "--max_train_steps", "4", "--resume", str(old))
+    (old / STATE_FILE).unlink()  # a Musubi Tuner / accelerate state folder
+    with pytest.raises(UserError, match="another format.*pickles"):
+        run("zimage", toml, files, tmp_path / "x", "--max_train_steps", "4", "--resume", str(old))
     assert not evidence.exists()
 
 

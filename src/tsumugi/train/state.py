@@ -209,6 +209,9 @@ def read_state_file(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise UserError(f"--resume: {directory} is not a folder")
     if not state_file.is_file():
+        if any(p.suffix in (".pkl", ".bin", ".pt") for p in directory.iterdir()):
+            raise UserError(f"--resume: {directory} is a state folder of another format (accelerate's Python "
+                            "pickles); tsumugi does not load pickles from a state folder (loading one can run code)")
         raise UserError(f"--resume: {directory} is not a complete tsumugi state folder (no {STATE_FILE}; "
                         "an interrupted save?)")
     try:
