@@ -245,6 +245,8 @@ def test_a_signal_saves_a_resumable_state(signum, code, script_baseline, tmp_pat
     assert f"--resume {state}" in err and (out / "lora-interrupted.safetensors").is_file()
     assert json.loads((state / STATE_FILE).read_text())["progress"]["global_step"] == 2
     assert not (out / "lora.lock").exists()
+    if signum == signal.SIGTERM:
+        return  # the same save as for SIGINT; resuming it is checked there
     resumed = run_script(train_argv(toml, files, tmp_path / "r", "--max_train_steps", "4", "--resume", str(state)))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert same_weights(tmp_path / "r/lora.safetensors", baseline)
