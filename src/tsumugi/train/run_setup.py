@@ -27,7 +27,8 @@ from tsumugi.train.cached_data import CachedTrainingData
 from tsumugi.train.checkpoint_hooks import CheckpointHooks
 from tsumugi.train.interrupts import StopRequest
 from tsumugi.train.output_lock import OutputLock
-from tsumugi.train.state import TrainingState, TrainProgress, check_resume, run_identity
+from tsumugi.train.resume_rules import check_resume, run_identity
+from tsumugi.train.state import TrainingState, TrainProgress
 from tsumugi.train.trainer import TrainingLoop, resolve_seed, steps_per_epoch
 
 logger = logging.getLogger(__name__)

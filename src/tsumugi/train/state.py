@@ -7,8 +7,8 @@ A state folder is data, never code: nothing in it is unpickled. It holds
 - ``rng-<process>.json``: each process's torch/CUDA/Python/NumPy random states;
 - ``tsumugi_state.json``: the step counter and data position, the optimizer/scheduler/grad-scaler state
   dicts with their tensors replaced by references into ``optimizer.safetensors``, what defines the run
-  (network, optimizer, data: checked on resume), every other flag (a change takes effect and is logged),
-  and the name and size of every file. It is written last: a folder without it is incomplete.
+  (network, optimizer, data: checked on resume, see :mod:`tsumugi.train.resume_rules`), every flag (a
+  change takes effect and is logged), and the name and size of every file. It is written last: a folder without it is incomplete.
 - ``.tsumugi-state``: a marker written first, so an interrupted ``.tmp`` folder is provably ours.
 
 A folder is written as ``<name>.tmp`` and renamed into place (an older one is moved to ``<name>.old``
@@ -20,7 +20,6 @@ resume + N steps equals 2N steps.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -263,95 +262,23 @@ _QUIET = {"resume", "seed", "output_dir", "logging_dir", "log_prefix", "log_trac
           "log_config", "wandb_api_key", "wandb_run_name", "config_file"}
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return str(value)
+
+
+def plain_tree(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): plain_tree(v) for k, v in value.items()}
+    return plain(value)
 
 
 def flag_values(args) -> dict[str, Any]:
     """Every parsed flag as JSON-able data."""
-    return {k: _plain(v) for k, v in sorted(vars(args).items()) if not k.startswith("_")}
-
-
-def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
-    else:
-        out[prefix] = value
-    return out
-
-
-def identity_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``name: saved X vs now Y`` for each entry of the two identities that differs."""
-    a, b = _flatten(saved, "", {}), _flatten(_plain_tree(now), "", {})
-    return [f"{key}: saved {a.get(key, '(none)')!r} vs now {b.get(key, '(none)')!r}"
-            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
-
-
-def _plain_tree(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain_tree(v) for k, v in value.items()}
-    return _plain(value)
-
-
-def check_resume(path: str | Path, identity: dict[str, Any], main_process: bool = True) -> dict[str, Any]:
-    """Check ``--resume`` before any model loads: complete, undamaged, and the same run.
-
-    Returns the parsed state file. Raises :class:`UserError` listing every defining value that differs.
-    """
-    directory = find_resume_folder(path) if main_process else Path(path)
-    data = read_state_file(directory)
-    differences = identity_differences(data["identity"], identity)
-    if differences:
-        raise UserError(
-            f"--resume {directory}: the run differs from the saved one in what defines the network or the "
-            "data (these must stay the same on resume; start a new run to change them): " + "; ".join(differences)
-        )
-    return data
-
-
-def _file_identity(path: str | None) -> Any:
-    """Size and header digest of a model file (the same file moved elsewhere still matches)."""
-    if not path or not Path(path).is_file():
-        return path
-    p = Path(path)
-    with open(p, "rb") as f:
-        head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else 0
-        digest = hashlib.sha256(head + f.read(min(length, 100 << 20))).hexdigest()[:16]
-    return {"bytes": p.stat().st_size, "header_sha256": digest}
-
-
-def run_identity(arch_name: str, model_version: str, args, datasets, processes: int, *,
-                 network: bool) -> dict[str, Any]:
-    """What defines a run: a resume must have the same values (see docs/reliability.md)."""
-    from tsumugi.train.optimizers import resolve_optimizer_class
-
-    optimizer = resolve_optimizer_class(args.optimizer_type)
-    identity: dict[str, Any] = {
-        "architecture": arch_name, "model_version": model_version,
-        "training": "LoRA" if network else "full fine-tune",
-        "--optimizer_type": f"{optimizer.__module__}.{optimizer.__qualname__}",
-        "--optimizer_args": list(args.optimizer_args or []),
-        "--lr_scheduler": getattr(args, "lr_scheduler_type", None) or args.lr_scheduler,
-        "processes": processes,
-        "dataset": {
-            d.name: {"images": str(d.image_directory or d.image_jsonl_file), "resolution": list(d.resolution),
-                     "batch_size": d.batch_size, "num_repeats": d.num_repeats, "enable_bucket": d.enable_bucket,
-                     "bucket_no_upscale": d.bucket_no_upscale, "items": len(d.items or ())}
-            for d in datasets
-        },
-    }
-    if network:
-        identity.update({"--network_module": args.network_module, "--network_dim": args.network_dim,
-                         "--network_alpha": args.network_alpha, "--network_args": list(args.network_args or [])})
-    else:
-        identity.update({"--dit": _file_identity(args.dit), "--full_bf16": bool(args.full_bf16)})
-    return identity
+    return {k: plain(v) for k, v in sorted(vars(args).items()) if not k.startswith("_")}
 
 
 # ---- the state of a run -----------------------------------------------------------------------------------
@@ -406,7 +333,7 @@ class TrainingState:
         if acc.is_main_process:
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name != MARKER}
             data = {
-                "format": FORMAT, "progress": asdict(progress), "identity": _plain_tree(self.identity),
+                "format": FORMAT, "progress": asdict(progress), "identity": plain_tree(self.identity),
                 "flags": flag_values(self.args), "optimizer": optimizer,
                 "scheduler": {"class": type(_inner(self.scheduler)).__name__, "state": scheduler},
                 "scaler": _Encoder().encode(scaler.state_dict(), "scaler") if scaler is not None else None,
