@@ -230,6 +230,10 @@ def read_state_file(directory: Path) -> dict[str, Any]:
         TrainProgress(**data["progress"])
         for key in ("identity", "flags", "optimizer", "scheduler", "processes"):
             data[key]  # noqa: B018
+        bad = [n for n in files if "/" in n or "\\" in n or n.startswith(".")]
+        missing = [n for n in (WEIGHTS_FILE, OPTIMIZER_FILE) if n not in files]
+        if bad or missing:
+            raise ValueError(f"file list: unexpected {bad}, missing {missing}")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"--resume: {state_file} is damaged (missing or bad entry: {e})") from e
     for name, size in files.items():
@@ -375,13 +379,17 @@ class TrainingState:
             state = _decode(data["optimizer"], source, directory / OPTIMIZER_FILE)
             try:
                 self.optimizer.load_state_dict(state)
-            except (ValueError, KeyError, RuntimeError) as e:
+            except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as e:
                 raise UserError(f"--resume: {directory / OPTIMIZER_FILE} does not fit the optimizer ({e})") from e
         saved_class = data["scheduler"]["class"]
         if saved_class != type(scheduler).__name__:
             raise UserError(f"--resume: the state's LR scheduler is {saved_class}, this run's is "
                             f"{type(scheduler).__name__} (--lr_scheduler must stay the same)")
-        scheduler.load_state_dict(_decode(data["scheduler"]["state"], None, directory / STATE_FILE))
+        saved = _decode(data["scheduler"]["state"], None, directory / STATE_FILE)
+        unknown = set(saved) - set(scheduler.state_dict()) if isinstance(saved, dict) else {"(not a dict)"}
+        if unknown:  # load_state_dict sets attributes: only the scheduler's own
+            raise UserError(f"--resume: {directory / STATE_FILE}: unexpected LR scheduler entries {sorted(unknown)}")
+        scheduler.load_state_dict(saved)
         scaler = getattr(acc, "scaler", None)
         if scaler is not None and data.get("scaler") is not None:
             scaler.load_state_dict(_decode(data["scaler"], None, directory / STATE_FILE))
