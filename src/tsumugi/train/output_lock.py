@@ -39,7 +39,10 @@ class OutputLock:
     @classmethod
     def acquire(cls, output_dir: str | Path, output_name: str) -> OutputLock:
         path = Path(output_dir) / f"{output_name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--output_dir {path.parent} cannot be created: {e.strerror or e}") from e
         earlier = _held.pop(path.resolve(), None)
         if earlier is not None:  # an earlier run in this process that ended without releasing it
             earlier.release()
@@ -50,6 +53,8 @@ class OutputLock:
             except FileExistsError:
                 cls._take_over_if_stale(path, content["host"])
                 continue
+            except OSError as e:
+                raise UserError(f"cannot create the lock file {path} in --output_dir: {e.strerror or e}") from e
             with os.fdopen(fd, "w") as f:
                 json.dump(content, f)
             lock = cls(path, content)
