@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tsumugi.errors import UserError
-from tsumugi.train.state import find_resume_folder, plain_tree, read_state_file
+from tsumugi.train.state import plain_tree, read_state_file
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
@@ -31,12 +31,14 @@ def identity_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str
             for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
 
 
-def check_resume(path: str | Path, identity: dict[str, Any], main_process: bool = True) -> dict[str, Any]:
+def check_resume(path: str | Path, identity: dict[str, Any]) -> dict[str, Any]:
     """Check ``--resume`` before any model loads: complete, undamaged, and the same run.
 
     Returns the parsed state file. Raises :class:`UserError` listing every defining value that differs.
+    Every process checks (so all stop together); recovering an interrupted save is the main process's
+    job, before (:func:`tsumugi.train.state.find_resume_folder`).
     """
-    directory = find_resume_folder(path) if main_process else Path(path)
+    directory = Path(path)
     data = read_state_file(directory)
     differences = identity_differences(data["identity"], identity)
     if differences:

@@ -28,7 +28,7 @@ from tsumugi.train.checkpoint_hooks import CheckpointHooks
 from tsumugi.train.interrupts import StopRequest
 from tsumugi.train.output_lock import OutputLock
 from tsumugi.train.resume_rules import check_resume, run_identity
-from tsumugi.train.state import TrainingState, TrainProgress
+from tsumugi.train.state import TrainingState, TrainProgress, find_resume_folder
 from tsumugi.train.trainer import TrainingLoop, resolve_seed, steps_per_epoch
 
 logger = logging.getLogger(__name__)
@@ -197,12 +197,10 @@ def check_resume_folder(run: TrainingRun, *, network: bool) -> None:
     run.identity = run_identity(run.arch.name, run.model_version, run.args, run.datasets,
                                 run.accelerator.num_processes, network=network)
     if run.args.resume:
-        acc = run.accelerator
-        if acc.is_main_process:
-            run.resume_state = check_resume(run.args.resume, run.identity)
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            run.resume_state = check_resume(run.args.resume, run.identity, main_process=False)
+        if run.accelerator.is_main_process:
+            find_resume_folder(run.args.resume)  # finishes an interrupted save of it
+        run.accelerator.wait_for_everyone()
+        run.resume_state = check_resume(run.args.resume, run.identity)
 
 
 def resume_progress(run: TrainingRun, state: TrainingState) -> TrainProgress:
