@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from tsumugi.errors import UserError
+from tsumugi.errors import RunInterrupted, UserError
 
 
 def run_main(body: Callable[[], int | None]) -> int:
@@ -17,3 +17,9 @@ def run_main(body: Callable[[], int | None]) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: aborted without saving", file=sys.stderr)
+        return 130

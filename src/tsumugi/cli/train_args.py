@@ -507,7 +507,8 @@ def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | N
     for keep in ("save_last_n_epochs_state", "save_last_n_steps_state"):
         if getattr(args, keep) is not None and not args.save_state:
             raise UserError(f"--{keep} needs --save_state")
-    if args.resume and not args.resume_from_huggingface and not Path(args.resume).exists():
+    resume_old = Path(f"{args.resume}.old") if args.resume else None  # an interrupted save: recovered later
+    if args.resume and not args.resume_from_huggingface and not Path(args.resume).exists() and not resume_old.is_dir():
         raise UserError(f"--resume: {args.resume} not found")
 
     # optimizer and learning-rate schedule (bad key=value items and missing packages fail here, early)

@@ -17,9 +17,11 @@ way, without holding a second copy of it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 
 from tsumugi.errors import UserError
+from tsumugi.fault_points import pause_point
 
 # Upper bound of a header: the safetensors library refuses larger ones too.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -332,11 +335,47 @@ def give_default_modes(directory: str | Path) -> None:
 
 def replace_atomic(tmp: Path, path: Path) -> None:
     """fsync ``tmp``, give it the umask's mode, rename it over ``path`` and fsync the directory."""
+    pause_point("file-fsync")
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     apply_default_mode(tmp)
+    pause_point("file-rename")
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+class DiskFullError(UserError):
+    """No space left while writing ``path`` (which needed ``needed`` bytes); the previous file is intact."""
+
+    def __init__(self, path: Path, needed: int, free: int | None) -> None:
+        self.path, self.needed, self.free = Path(path), needed, free
+        free_text = f", {_size_text(free)} free" if free is not None else ""
+        super().__init__(f"no space left on the device while writing {self.path}: it needs "
+                         f"{_size_text(needed)}{free_text} (the previous file, if any, is unchanged)")
+
+
+def _size_text(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"  # unreachable
+
+
+def free_bytes(directory: Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def _raise_if_disk_full(exc: BaseException, path: Path, needed: int) -> None:
+    """Re-raise a full disk (an OSError, or the safetensors library's error for one) as :class:`DiskFullError`."""
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = full or (not isinstance(exc, OSError) and isinstance(exc, Exception)
+                    and any(s in str(exc) for s in ("StorageFull", "No space left", "code: 28")))
+    if full:
+        raise DiskFullError(path, needed, free_bytes(path.parent)) from exc
 
 
 def temp_path_for(path: Path) -> Path:
@@ -356,11 +395,14 @@ def save_file_atomic(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
+    prepared = _prepare_for_save(tensors)
     try:
-        save_file(_prepare_for_save(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
+        save_file(prepared, str(tmp), metadata=dict(metadata) if metadata else None)
+        pause_point("file-write")
         replace_atomic(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(exc, path, sum(t.nbytes for t in prepared.values()) + 1024)
         raise
     return path
 
@@ -483,9 +525,11 @@ def save_file_streamed(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
+    expected = len(header) + sum(_nbytes(s.dtype, s.shape) for s in specs.values())
     try:
         with open(tmp, "wb") as f:
             f.write(header)
+            pause_point("file-write")
             for key in order:
                 spec = specs[key]
                 tensor = spec.produce()
@@ -501,12 +545,12 @@ def save_file_streamed(
                 tensor = tensor.detach().to("cpu").contiguous()
                 f.write(_tensor_bytes(tensor))
                 del tensor
-            expected = len(header) + sum(_nbytes(s.dtype, s.shape) for s in specs.values())
             if f.tell() != expected:
                 raise RuntimeError(f"{tmp}: wrote {f.tell()} bytes, the header describes {expected}")
         replace_atomic(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(exc, path, expected)
         raise
     return path
 
@@ -519,7 +563,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     try:
         tmp.write_text(text, encoding="utf-8")
         replace_atomic(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(exc, path, len(text.encode("utf-8")))
         raise
     return path

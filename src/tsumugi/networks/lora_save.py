@@ -49,13 +49,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
-from tsumugi.models.safetensors_io import apply_default_mode
+from tsumugi.models.safetensors_io import save_file_atomic
 from tsumugi.networks.lora import LoRANetwork
 
 LAYOUTS = ("musubi", "diffusion_model", "diffusers")
@@ -134,25 +133,4 @@ def save_lora(
         meta = dict(metadata)
         if meta:
             meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(tensors, meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        apply_default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
+    return save_file_atomic(tensors, path, meta)

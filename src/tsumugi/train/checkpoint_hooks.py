@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,8 +12,10 @@ from pathlib import Path
 import torch
 
 from tsumugi.errors import UserError
+from tsumugi.models.safetensors_io import DiskFullError
 from tsumugi.train.optimizers import optimizer_eval, optimizer_train
-from tsumugi.train.state import TrainProgress, save_state
+from tsumugi.train.state import TrainingState, TrainProgress, is_complete
+from tsumugi.train.step_snapshot import StepSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +28,12 @@ class CheckpointHooks:
     whose dropout must be off), or ``None``.
     """
 
-    def __init__(self, *, args, accelerator, save_weights: Callable[[Path, TrainProgress], None],
+    def __init__(self, *, args, accelerator, state: TrainingState, save_weights: Callable[[Path, TrainProgress], None],
                  trainable: torch.nn.Module | None, dit, optimizer, max_steps, sampler, swapper,
                  histograms) -> None:
         self.args, self.acc, self.save_weights, self.trainable = args, accelerator, save_weights, trainable
+        self.state = state
+        self.snapshot = StepSnapshot(state) if swapper is None and StepSnapshot.affordable(state) else None
         self.dit, self.optimizer, self.max_steps = dit, optimizer, max_steps
         self.sampler, self.swapper, self.histograms = sampler, swapper, histograms
         self.epoch_first_step = 0
@@ -42,18 +47,57 @@ class CheckpointHooks:
         """Write ``<output_dir>/<name>.safetensors`` (main process only; others return ``None``).
 
         A schedule-free optimizer is in eval mode meanwhile, so the file holds its averaged weights; every
-        process switches, so the weights stay identical across processes.
+        process switches, so the weights stay identical across processes. Non-finite weights are never
+        written. When the disk is full, the file goes to the first fallback folder with room: next to the
+        output folder, the working folder, the temp folder.
         """
         optimizer_eval(self.optimizer)
         try:
             if not self.acc.is_main_process:
                 return None
+            if not self.weights_finite():
+                raise UserError(f"the weights are not finite after step {progress.global_step}: "
+                                f"{name}.safetensors was not written{self._latest_state_hint()}")
             path = self.output / f"{name}.safetensors"
-            self.save_weights(path, progress)
+            try:
+                self.save_weights(path, progress)
+            except DiskFullError as full:
+                return self._save_elsewhere(path, progress, full)
             logger.info("saved %s", path)
             return path
         finally:
             optimizer_train(self.optimizer)
+
+    def _save_elsewhere(self, path: Path, progress: TrainProgress, full: DiskFullError) -> Path:
+        tried = []
+        for folder in (self.output.resolve().parent, Path.cwd(), Path(tempfile.gettempdir())):
+            target = folder / path.name
+            if folder in tried or target.resolve() == path.resolve():
+                continue
+            tried.append(folder)
+            try:
+                self.save_weights(target, progress)
+            except (OSError, DiskFullError) as e:  # DiskFullError is a UserError, not an OSError
+                logger.warning("fallback %s failed too: %s", target, e)
+                continue
+            logger.error("%s; saved it to %s instead", full, target)
+            return target
+        raise UserError(f"{full}; the fallback folders {', '.join(map(str, tried))} had no room either") from full
+
+    def weights_finite(self) -> bool:
+        groups: dict[torch.device, list[torch.Tensor]] = {}
+        for p in self.state.module.parameters():
+            if p.requires_grad:
+                groups.setdefault(p.device, []).append(torch.isfinite(p.detach()).all())
+        return all(bool(torch.stack(flags).all().item()) for flags in groups.values())
+
+    def _latest_state_hint(self) -> str:
+        states = [p for p in self.output.glob(f"{self.args.output_name}*-state")
+                  if "-nan-" not in p.name and is_complete(p)]
+        if not states:
+            return " (no earlier state was saved in the output folder)"
+        latest = max(states, key=lambda p: p.stat().st_mtime)
+        return f"; the latest good state saved is {latest} (lower --learning_rate and --resume it)"
 
     def _prune(self, pattern: str, keep_newer_than: int, number) -> None:
         if not self.acc.is_main_process:
@@ -64,7 +108,7 @@ class CheckpointHooks:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def save_state(self, name: str, progress: TrainProgress) -> None:
-        save_state(self.acc, progress, self.output / name)
+        self.state.save(progress, self.output / name)
 
     def sample(self, label: str) -> None:
         if self.sampler is None:
@@ -88,8 +132,16 @@ class CheckpointHooks:
             self.trainable.train()
 
     # -- events
+    def before_update(self, progress: TrainProgress) -> None:
+        """Right before the weights of the step after ``progress`` change: keep the state to fall back to."""
+        if self.snapshot is not None:
+            self.snapshot.take(progress)
+
     def on_step(self, progress: TrainProgress, loss: float, average: float, sigmas: torch.Tensor) -> None:
         args, step, name = self.args, progress.global_step, self.args.output_name
+        if not self.weights_finite():
+            self._stop_non_finite(progress, f"the weights are not finite after step {step}", step - 1,
+                                  live_usable=False)
         self.losses.append(loss)
         self.step_ends.append(time.perf_counter())
         logs = {"loss/current": loss, "loss/average": average}
@@ -142,9 +194,27 @@ class CheckpointHooks:
                 self.sample(f"e{epoch:06d}")
 
     def on_nan(self, progress: TrainProgress, value: float) -> None:
+        """The loss of the step after ``progress`` is not finite: stop, saving the state before the bad step.
+
+        A step whose update made the weights huge but finite only shows in the next step's loss, so
+        the state before the previous step is saved when the snapshot holds it.
+        """
+        self._stop_non_finite(progress, f"loss is {value} at step {progress.global_step + 1} "
+                                        f"(epoch {progress.epoch + 1})", progress.global_step - 1,
+                              live_usable=True)
+
+    def _stop_non_finite(self, progress: TrainProgress, what: str, wanted_step: int, *, live_usable: bool) -> None:
+        """Save the state after ``wanted_step`` steps if the snapshot holds it, else the live one if usable."""
+        note = f"before step {progress.global_step + 1}"
+        snapshot = self.snapshot
+        if snapshot is not None and snapshot.progress is not None and snapshot.progress.global_step == wanted_step:
+            progress = snapshot.restore()
+            note = f"before step {wanted_step + 1} (whose update may have caused it)"
+        elif not live_usable:  # the live weights are damaged and no copy was kept
+            raise UserError(f"{what}; no state was saved{self._latest_state_hint()}")
         name = f"{self.args.output_name}-nan-step{progress.global_step:08d}-state"
         self.save_state(name, progress)
         raise UserError(
-            f"loss is {value} at step {progress.global_step + 1} (epoch {progress.epoch + 1}); the state before "
-            f"this step is saved in {self.output / name} (lower --learning_rate or check the data, then --resume it)"
+            f"{what}; the state {note} is saved in {self.output / name} (lower --learning_rate or check the "
+            "data, then --resume it)"
         )

@@ -28,6 +28,7 @@ from tsumugi.train.lora_metadata import lora_metadata
 from tsumugi.train.run_setup import (
     SAVE_DTYPES,
     TrainingResult,
+    claim_outputs,
     load_training_dit,
     max_train_steps,
     prepare_sampler,
@@ -63,6 +64,7 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     from tsumugi.train.optimizers import create_optimizer
 
     run = start_run(arch_name, args)
+    claim_outputs(run, network=False)
     accelerator = run.accelerator
     weight_dtype = torch.bfloat16 if args.full_bf16 else torch.float32
     prepare_sampler(run)  # text encoder used and freed, VAE checked, before the DiT loads
@@ -76,7 +78,6 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     lr_scheduler = create_lr_scheduler(args, raw_optimizer, max_steps, accelerator.num_processes,
                                        optimizer_info=info)
     optimizer, lr_scheduler = accelerator.prepare(raw_optimizer, lr_scheduler)
-    accelerator.register_for_checkpointing(dit)
 
     fused = None
     if args.fused_backward_pass:
@@ -106,7 +107,7 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
 
     return run_training(run, dit=dit, swapper=swapper, params=params, optimizer=optimizer,
                         lr_scheduler=lr_scheduler, save_weights=save_weights, trainable=None,
-                        tracker_name="fine-tuning", fused=fused,
+                        state_module=dit, tracker_name="fine-tuning", fused=fused,
                         before_step=before_step)
 
 

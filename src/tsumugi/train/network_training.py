@@ -15,6 +15,7 @@ from tsumugi.train.run_setup import (
     COMPUTE_DTYPES,
     SAVE_DTYPES,
     TrainingResult,
+    claim_outputs,
     load_training_dit,
     max_train_steps,
     prepare_sampler,
@@ -45,6 +46,7 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     from tsumugi.train.optimizers import create_optimizer
 
     run = start_run(arch_name, args)
+    claim_outputs(run, network=True)
     accelerator = run.accelerator
     dtype = COMPUTE_DTYPES[args.mixed_precision]
     prepare_sampler(run)  # text encoder used and freed, VAE checked, before the DiT loads
@@ -69,7 +71,6 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
     max_steps = max_train_steps(run)
     lr_scheduler = create_lr_scheduler(args, optimizer, max_steps, accelerator.num_processes, optimizer_info=info)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    accelerator.register_for_checkpointing(network)
     save_dtype = SAVE_DTYPES[args.save_precision or "fp32"]
 
     def save_weights(path: Path, progress: TrainProgress) -> None:
@@ -88,7 +89,7 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
 
     return run_training(run, dit=dit, swapper=swapper, params=list(network.parameters()), optimizer=optimizer,
                         lr_scheduler=lr_scheduler, save_weights=save_weights, trainable=network,
-                        tracker_name="network_train", after_step=after_step)
+                        state_module=network, tracker_name="network_train", after_step=after_step)
 
 
 def train_network_main(arch_name: str, argv: list[str] | None = None) -> int:

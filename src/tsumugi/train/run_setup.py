@@ -24,7 +24,7 @@ from tsumugi.arch import get_architecture
 from tsumugi.arch.base import Architecture
 from tsumugi.caching.validate import check_caches_once
 from tsumugi.data.config import DatasetConfig, load_dataset_config
-from tsumugi.errors import UserError
+from tsumugi.errors import RunInterrupted, UserError
 from tsumugi.train.accelerator_options import (
     effective_log_with,
     kwargs_handlers,
@@ -34,8 +34,11 @@ from tsumugi.train.accelerator_options import (
 )
 from tsumugi.train.cached_data import CachedTrainingData
 from tsumugi.train.checkpoint_hooks import CheckpointHooks
+from tsumugi.train.interrupts import StopRequest
 from tsumugi.train.optimizers import optimizer_train
-from tsumugi.train.state import TrainProgress, load_state
+from tsumugi.train.output_lock import OutputLock
+from tsumugi.train.resume_rules import check_resume, run_identity
+from tsumugi.train.state import TrainingState, TrainProgress, find_resume_folder
 from tsumugi.train.trainer import TrainingLoop, resolve_seed, steps_per_epoch
 
 logger = logging.getLogger(__name__)
@@ -83,11 +86,16 @@ class TrainingRun:
     accelerator: object
     log_with: str | None
     num_epochs: int | None = None
+    """epochs the run covers (the last may be partial); set by :func:`max_train_steps`"""
     sampler: object = None
     """the :class:`~tsumugi.train.sample_prompts.TrainingSampler` from :func:`prepare_sampler`, or ``None``"""
-    """epochs the run covers (the last may be partial); set by :func:`max_train_steps`"""
     session_id: int = field(default_factory=lambda: random.SystemRandom().randint(0, 2**31))
     started: float = field(default_factory=time.time)
+    identity: dict = field(default_factory=dict)
+    """what defines the run (stored in states, checked on resume)"""
+    resume_state: dict | None = None
+    """the checked state file of ``--resume``"""
+    lock: OutputLock | None = None
 
     @property
     def device(self) -> torch.device:
@@ -214,18 +222,56 @@ def max_train_steps(run: TrainingRun) -> int:
     return args.max_train_steps
 
 
-def resume_progress(run: TrainingRun) -> TrainProgress:
-    """A fresh start, or the position saved in ``--resume`` (after accelerate has restored its objects)."""
+def claim_outputs(run: TrainingRun, *, network: bool) -> None:
+    """Lock ``--output_dir``/``--output_name``, then check ``--resume`` (before any model loads)."""
+    if run.accelerator.is_main_process:
+        run.lock = OutputLock.acquire(run.args.output_dir, run.args.output_name)
+    try:
+        check_resume_folder(run, network=network)
+    except BaseException:
+        if run.lock is not None:
+            run.lock.release()
+        raise
+
+
+def check_resume_folder(run: TrainingRun, *, network: bool) -> None:
+    """Record what defines the run; check ``--resume`` against it before any model loads."""
+    run.identity = run_identity(run.arch.name, run.model_version, run.args, run.datasets,
+                                run.accelerator.num_processes, network=network)
+    if run.args.resume:
+        if run.accelerator.is_main_process:
+            find_resume_folder(run.args.resume)  # finishes an interrupted save of it
+        run.accelerator.wait_for_everyone()
+        run.resume_state = check_resume(run.args.resume, run.identity)
+
+
+def resume_progress(run: TrainingRun, state: TrainingState) -> TrainProgress:
+    """A fresh start, or the position saved in ``--resume`` (its objects restored into ``state``'s)."""
     args = run.args
     if not args.resume:
         return TrainProgress(seed=run.seed)
-    progress = load_state(run.accelerator, args.resume)
+    if run.resume_state is None:
+        check_resume_folder(run, network=run.identity.get("training") == "LoRA")
+    progress = state.load(Path(args.resume), run.resume_state)
     if progress.seed != run.seed and args.seed is not None:
         logger.warning("--seed %d differs from the resumed run's %d: the resumed run's seed is used", run.seed,
                        progress.seed)
     logger.info("resumed at step %d (epoch %d, batch %d)", progress.global_step, progress.epoch + 1,
                 progress.batch_index)
     return progress
+
+
+def _save_interrupted(run: TrainingRun, hooks: CheckpointHooks, progress: TrainProgress, stop: StopRequest):
+    """Save the weights and the state of an interrupted run, then raise :class:`RunInterrupted`."""
+    name = f"{run.args.output_name}-interrupted"
+    path = hooks.save(name, progress)
+    hooks.save_state(f"{name}-state", progress)
+    run.accelerator.end_training()
+    state_dir = Path(run.args.output_dir) / f"{name}-state"
+    raise RunInterrupted(
+        f"{stop.name} after step {progress.global_step}: saved the weights to {path or 'the main process'} and "
+        f"the state to {state_dir}; to continue, run the same command with --resume {state_dir}", stop.exit_code
+    )
 
 
 def _histogram_writer(accelerator):
@@ -246,34 +292,52 @@ def run_training(
     save_weights: Callable[[Path, TrainProgress], None],
     trainable: torch.nn.Module | None,
     tracker_name: str,
+    state_module: torch.nn.Module,
     fused=None,
     before_step: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
 ) -> TrainingResult:
     """Resume, then run the loop with saving/sampling hooks, then write the final weights and state.
 
-    ``optimizer`` and ``lr_scheduler`` must already be prepared by the accelerator and every object the
-    state must hold registered for checkpointing.
+    ``optimizer`` and ``lr_scheduler`` must already be prepared by the accelerator; ``state_module`` is
+    the module whose weights a state folder holds (the LoRA network or the DiT).
     """
+    try:
+        return _run_training(run, dit=dit, swapper=swapper, params=params, optimizer=optimizer,
+                             lr_scheduler=lr_scheduler, save_weights=save_weights, trainable=trainable,
+                             tracker_name=tracker_name, state_module=state_module, fused=fused,
+                             before_step=before_step, after_step=after_step)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _run_training(run: TrainingRun, *, dit, swapper, params, optimizer, lr_scheduler, save_weights, trainable,
+                  tracker_name, state_module, fused, before_step, after_step) -> TrainingResult:
     args, accelerator = run.args, run.accelerator
     max_steps = args.max_train_steps
-    progress = resume_progress(run)
+    state = TrainingState(accelerator, state_module, optimizer, lr_scheduler, run.identity, args)
+    progress = resume_progress(run, state)
     if run.log_with:
         accelerator.init_trackers(args.log_tracker_name or tracker_name, config=tracker_config(args),
                                   init_kwargs=tracker_init_kwargs(args))
-    hooks = CheckpointHooks(args=args, accelerator=accelerator, save_weights=save_weights, trainable=trainable,
-                            dit=dit, optimizer=optimizer, max_steps=max_steps, sampler=run.sampler, swapper=swapper,
+    hooks = CheckpointHooks(args=args, accelerator=accelerator, state=state, save_weights=save_weights,
+                            trainable=trainable, dit=dit, optimizer=optimizer, max_steps=max_steps,
+                            sampler=run.sampler, swapper=swapper,
                             histograms=_histogram_writer(accelerator) if run.log_with else None)
-    loop = TrainingLoop(arch=run.arch, dit=dit, params=params, data=run.data, optimizer=optimizer,
-                        lr_scheduler=lr_scheduler, accelerator=accelerator, args=args, progress=progress,
-                        max_steps=max_steps, hooks=hooks, fused=fused, before_step=before_step,
-                        after_step=after_step)
     optimizer_train(optimizer)  # schedule-free optimizers start (and resume from a final state) in eval mode
     try:  # trackers are flushed and closed however the run ends (an error, Ctrl+C)
-        if args.sample_at_first and progress.global_step == 0:
-            hooks.sample("000000")
-        with logging_redirect_tqdm():  # log lines go above the progress bar, not into it
-            loop.run()
+        with StopRequest() as stop:
+            loop = TrainingLoop(arch=run.arch, dit=dit, params=params, data=run.data, optimizer=optimizer,
+                                lr_scheduler=lr_scheduler, accelerator=accelerator, args=args, progress=progress,
+                                max_steps=max_steps, hooks=hooks, fused=fused, before_step=before_step,
+                                after_step=after_step, stop=stop)
+            if args.sample_at_first and progress.global_step == 0:
+                hooks.sample("000000")
+            with logging_redirect_tqdm():  # log lines go above the progress bar, not into it
+                loop.run()
+            if loop.stopped:
+                _save_interrupted(run, hooks, progress, stop)
 
         final = hooks.save(args.output_name, progress)
         if args.save_state_on_train_end or args.save_state:

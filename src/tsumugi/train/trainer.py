@@ -10,6 +10,7 @@ batches of 1 up to float rounding.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import math
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from tsumugi.arch.base import Architecture, ImageGeometry, PromptEmbeds
 from tsumugi.caching.validate import CachedItem
 from tsumugi.errors import UserError
+from tsumugi.fault_points import pause_point
 from tsumugi.train.cached_data import CachedTrainingData
 from tsumugi.train.loss_weighting import flow_matching_target, loss_weights, noisy_input, weighted_mse
 from tsumugi.train.state import TrainProgress
@@ -116,7 +118,7 @@ class TrainingLoop:
     """
 
     def __init__(self, *, arch, dit, params, data, optimizer, lr_scheduler, accelerator, args, progress,
-                 max_steps, hooks, fused=None, before_step=None, after_step=None) -> None:
+                 max_steps, hooks, fused=None, before_step=None, after_step=None, stop=None) -> None:
         self.arch, self.dit, self.data = arch, dit, data
         self.optimizer, self.lr_scheduler, self.accelerator = optimizer, lr_scheduler, accelerator
         self.args, self.progress, self.max_steps, self.hooks = args, progress, max_steps, hooks
@@ -124,6 +126,16 @@ class TrainingLoop:
         self.timesteps = TimestepConfig.from_args(args)
         self.params = [p for p in params if p.requires_grad]
         self.recent: list[float] = []
+        self.stop = stop
+        """a :class:`~tsumugi.train.interrupts.StopRequest`: the loop ends after the step in which it is set"""
+        self.stopped = False
+
+    def _anywhere(self, flag: bool) -> bool:
+        """``flag`` is true on any process (all processes must agree before a collective save)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
     def _sync_gradients(self, bucket_bytes: int = 64 << 20) -> None:
         """Average gradients over processes, in buckets of at most ``bucket_bytes`` per dtype and device.
@@ -162,6 +174,7 @@ class TrainingLoop:
         while progress.global_step < self.max_steps:
             total, all_sigmas, epoch_ended, seen = 0.0, [], False, Counter()
             count = min(accumulation, share_len - progress.batch_index)  # micro-batches left in this epoch
+            at_start = dataclasses.replace(progress)
             for micro in range(count):
                 epoch, index, items = next(stream)
                 generators = []
@@ -174,8 +187,10 @@ class TrainingLoop:
                     self.arch, self.dit, self.data, items, generators, self.timesteps, args.weighting_scheme,
                     acc.device, acc.autocast,
                 )
-                if not torch.isfinite(loss):
-                    self.hooks.on_nan(progress, loss.item())
+                if self._anywhere(not torch.isfinite(loss).item()):
+                    self.hooks.on_nan(at_start, loss.item())  # nothing has changed the weights of this step yet
+                if micro == count - 1:
+                    self.hooks.before_update(at_start)
                 acc.backward(loss / count)
                 total += loss.item() / count
                 all_sigmas.append(sigmas)
@@ -207,4 +222,8 @@ class TrainingLoop:
             self.hooks.on_step(progress, total, average, torch.cat(all_sigmas))
             if epoch_ended:
                 self.hooks.on_epoch_end(progress)
+            pause_point("train-step")
+            if self.stop is not None and self._anywhere(self.stop.requested):
+                self.stopped = True
+                break
         bar.close()
