@@ -121,11 +121,14 @@ def test_same_image_in_two_datasets_draws_different_noise(tiny_sets, tmp_path, m
 def test_schedule_free_trains_and_saves_the_averaged_weights(name, three_items, tmp_path):
     """The real ``schedulefree`` optimizers: training runs, and the saved LoRA holds the eval-mode (averaged)
     weights, computed here by loading the end state into a fresh network and optimizer and calling eval()."""
+    import safetensors.torch
     import torch
 
     from tsumugi.models.loader import load_dit
+    from tsumugi.models.safetensors_io import SafetensorsSource
     from tsumugi.networks import lora_zimage
     from tsumugi.train.optimizers import create_optimizer
+    from tsumugi.train.state import OPTIMIZER_FILE, WEIGHTS_FILE, _decode, read_state_file
 
     toml, files = three_items
     lr = "0.5" if name == "SGDScheduleFree" else "1e-2"
@@ -142,10 +145,11 @@ def test_schedule_free_trains_and_saves_the_averaged_weights(name, three_items, 
 
     state = tmp_path / "lora-state"
     trained = network()
-    trained.load_state_dict(torch.load(state / "custom_checkpoint_0.pkl", weights_only=True))
+    trained.load_state_dict(safetensors.torch.load_file(state / WEIGHTS_FILE))
     args = argparse.Namespace(optimizer_type=name, optimizer_args=None, learning_rate=float(lr))
     optimizer, _ = create_optimizer(args, trained.prepare_optimizer_params(float(lr), None))
-    optimizer.load_state_dict(torch.load(state / "optimizer.bin", weights_only=True))
+    with SafetensorsSource([state / OPTIMIZER_FILE]) as source:
+        optimizer.load_state_dict(_decode(read_state_file(state)["optimizer"], source, state / OPTIMIZER_FILE))
     assert all(group["train_mode"] for group in optimizer.param_groups), "the state is saved in train mode"
     train_mode = {k: v.clone() for k, v in trained.state_dict().items()}
     optimizer.eval()
