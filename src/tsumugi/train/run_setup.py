@@ -23,6 +23,7 @@ from tsumugi.arch.base import Architecture
 from tsumugi.caching.validate import check_caches
 from tsumugi.data.config import DatasetConfig, load_dataset_config
 from tsumugi.errors import UserError
+from tsumugi.preflight.runs import check_training
 from tsumugi.train.cached_data import CachedTrainingData
 from tsumugi.train.checkpoint_hooks import CheckpointHooks
 from tsumugi.train.state import TrainProgress, load_state
@@ -93,6 +94,7 @@ def start_run(arch_name: str, args: argparse.Namespace) -> TrainingRun:
 
     arch = get_architecture(arch_name)
     refuse_unsupported(args)
+    check_training(arch.name, args)  # every file and folder the run touches, before anything loads
     model_version = getattr(args, "model_version", None) or "original"
     if model_version == "layered":
         raise UserError("--model_version layered: Qwen-Image-Layered training is not supported yet")
