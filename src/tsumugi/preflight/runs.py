@@ -100,7 +100,10 @@ def check_generate_flags(args: argparse.Namespace) -> None:
     check_number(args.blocks_to_swap, "--blocks_to_swap", minimum=0, what="an integer >= 0")
     for value in args.image_size or []:
         check_number(value, "--image_size", above=0, what="two positive multiples of 16 (H W)")
-    for value in args.lora_multiplier or []:
+    multipliers, loras = args.lora_multiplier or [], args.lora_weight or []
+    if len(multipliers) > len(loras):
+        raise UserError(f"--lora_multiplier: {len(multipliers)} values given for {len(loras)} --lora_weight files")
+    for value in multipliers:
         check_number(value, "--lora_multiplier", what="finite numbers")
     check_number(getattr(args, "rcm_threshold", None), "--rcm_threshold", what="a finite number")
 
@@ -148,8 +151,13 @@ def check_caching(arch: str, args: argparse.Namespace, datasets: Sequence, role:
 
 
 # ---- LoRA tools -------------------------------------------------------------------------------
-def check_merge(dit: str, loras: Sequence[str], output: str, save_dtype: torch.dtype | None) -> None:
-    """``merge_lora``: the DiT and LoRA headers, and room for the merged file."""
+def check_merge(dit: str, loras: Sequence[str], multipliers: Sequence[float] | None, output: str,
+                save_dtype: torch.dtype | None) -> None:
+    """``merge_lora``: the flags, the DiT and LoRA headers, and room for the merged file."""
+    if len(multipliers or []) > len(loras):
+        raise UserError(f"--lora_multiplier: {len(multipliers)} values given for {len(loras)} --lora_weight files")
+    for value in multipliers or []:
+        check_number(value, "--lora_multiplier", what="finite numbers")
     arch, infos = check_any_dit(dit, "--dit")
     for path in loras:
         check_lora(path, arch, "--lora_weight")
