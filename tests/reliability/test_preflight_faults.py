@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -127,6 +128,20 @@ def _run_script(module: str, *argv: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", f"tsumugi.{module}", *map(str, argv)], capture_output=True,
                           text=True, timeout=120, env=env, cwd=REPO)
+
+
+def _guarded(call, fifo: Path, timeout: float = 60):
+    """``call()`` in this process, failing (not hanging) if it blocks on ``fifo``: after ``timeout`` a writer
+    opens the FIFO, which releases a blocked reader."""
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("rc", call()), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10)
+        pytest.fail(f"blocked on the FIFO {fifo}")
+    return result["rc"]
 
 
 def _zimage_lora(path: Path) -> Path:
@@ -447,16 +462,41 @@ def test_train_fifo_dataset_config_does_not_hang(cached_qwen, tmp_path):
     assert f"error: --dataset_config: {fifo} is a FIFO (named pipe)" in done.stderr
 
 
+@pytest.mark.parametrize("flag", ["--config_file", "--sample_prompts", "--network_weights", "--base_weights"])
+def test_train_fifo_inputs_refused_in_process(cached_qwen, tmp_path, loads, capsys, flag):
+    fifo = _fifo(tmp_path / ("in.toml" if flag == "--config_file" else "in.safetensors"))
+    argv = _train_argv(cached_qwen, tmp_path / "out", flag, fifo)
+    if flag == "--sample_prompts":
+        argv += ["--vae", str(cached_qwen[1]["vae"])]
+    rc = _guarded(lambda: _train(*argv), fifo)
+    _error_line(capsys, rc, flag, str(fifo), "is a FIFO (named pipe); expected a regular")
+    assert loads == []
+
+
+def test_generate_fifo_lora_refused_in_process(tiny_sets, tmp_path, loads, capsys):
+    fifo = _fifo(tmp_path / "lora.safetensors")
+    argv = _gen_argv(tiny_sets("qwen_image"), tmp_path / "out", "--prompt", "a cat", "--image_size", 64, 64,
+                     "--lora_weight", fifo)
+    rc = _guarded(lambda: _generate(*argv), fifo)
+    _error_line(capsys, rc, "--lora_weight", str(fifo), "is a FIFO (named pipe); expected a regular LoRA")
+    assert loads == []
+
+
 # ---- caching -------------------------------------------------------------------------------------
-def test_cache_fifo_caption_does_not_hang(tiny_sets, tmp_path):
+def test_cache_fifo_caption_and_image_do_not_hang(tiny_sets, tmp_path):
     files = tiny_sets("qwen_image")
     toml = write_tiny_dataset(tmp_path / "data", count=2, sizes=[(64, 64)])
-    caption = tmp_path / "data" / "images" / "img001.txt"
+    images = tmp_path / "data" / "images"
+    caption = images / "img001.txt"
     caption.unlink()
     _fifo(caption)
+    image = _fifo(images / "img009.png")
+    (images / "img009.txt").write_text("a caption", encoding="utf-8")
     done = _run_script("qwen_image_cache_latents", "--dataset_config", toml, "--vae", files["vae"], "--device", "cpu")
     assert done.returncode == 2, done.stderr
-    assert str(caption) in done.stderr and "FIFO" in done.stderr and "expected a regular text file" in done.stderr
+    assert f"{caption}: caption is a FIFO (named pipe); expected a regular text file" in done.stderr
+    assert f"{image}: image is a FIFO (named pipe); expected a regular image file" in done.stderr
+    assert not (tmp_path / "data" / "cache").exists() or not any((tmp_path / "data" / "cache").iterdir())
 
 
 def test_cache_read_only_cache_directory(tiny_sets, tmp_path, read_only_dir, loads, capsys):
