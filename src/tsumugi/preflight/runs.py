@@ -83,10 +83,12 @@ def _check_sample_prompts(arch_name: str, args: argparse.Namespace) -> None:
     check_model(args.vae, arch_name, "vae", "--vae")
     if args.text_encoder:
         check_model(args.text_encoder, arch_name, "text_encoder", "--text_encoder")
+    from tsumugi.sample.edit import load_control_image
+
     device = default_device()
     for plan in plans:
         for path in plan.line.control_images:
-            require_file(path, f"{plan.line.source}: control image", "image file")
+            load_control_image(path, plan.line.source)  # a regular file holding a readable image
         check_image_memory(arch_name, plan.width, plan.height, device, plan.line.source)
 
 

@@ -69,10 +69,9 @@ _OPTION_SPLIT = re.compile(r"\s--(?=[A-Za-z])")
 _RANGES = {
     "width": ("--w", 0, True), "height": ("--h", 0, True), "steps": ("--s", 1, False),
     "frame_count": ("--f", 1, False), "guidance_scale": ("--g/--l", 0, False), "flow_shift": ("--fs", 0, True),
-    "rcm_threshold": ("--rcm_th", None, False), "rcm_kernel_size": ("--rcm_ks", 0, False),
-    "rcm_dilate_size": ("--rcm_ds", 0, False), "seed": ("--d", None, False),
-}
-_INT_FIELDS = {"width", "height", "steps", "frame_count", "rcm_kernel_size", "rcm_dilate_size", "seed"}
+    "rcm_threshold": ("--rcm_th", None, False), "seed": ("--d", None, False),
+}  # --rcm_ks / --rcm_ds (>= 0) are checked with the other mask/RCM rules in tsumugi.sample.generate
+_INT_FIELDS = {"width", "height", "steps", "frame_count", "seed"}
 
 
 def check_values(line: PromptLine) -> PromptLine:
