@@ -553,3 +553,25 @@ def test_estimates_against_written_files(tiny_sets, tmp_path):
     path = Path(tiny_sets("qwen_image")["dit"])
     dit = check_model(path, "qwen_image", "dit", "--dit")
     assert path.stat().st_size <= estimates.dit_save_bytes(dit, None) <= 1.5 * path.stat().st_size
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be", "utf-8"])
+def test_prompt_file_encodings_by_bom(tmp_path, encoding):
+    """Each byte-order mark selects its codec (Python's codecs write the reference bytes)."""
+    from tsumugi.sample.prompt_lines import read_prompt_file
+
+    bom = {"utf-16-le": "\ufeff", "utf-16-be": "\ufeff", "utf-32-le": "\ufeff", "utf-32-be": "\ufeff"}.get(encoding, "")
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes((bom + "# note\nein Hund 犬 --w 64 --h 48 --s 2\n\nzweite Zeile\n").encode(encoding))
+    lines = read_prompt_file(str(prompts))
+    assert [(line.prompt, line.source) for line in lines] == [("ein Hund 犬", f"{prompts}:2"),
+                                                               ("zweite Zeile", f"{prompts}:4")]
+    assert (lines[0].width, lines[0].height, lines[0].steps) == (64, 48, 2)
+
+
+def test_released_sizes_pass_the_memory_check(monkeypatch):
+    """No false alarm at the families' native sizes on the CPU of this machine (or any with 8 GiB)."""
+    monkeypatch.setenv(estimates.MEMORY_LIMIT_ENV, "8")
+    estimates.check_image_memory("qwen_image", 1328, 1328, "cpu", "--image_size")
+    estimates.check_image_memory("zimage", 1024, 1024, "cpu", "--image_size")
+    estimates.check_image_memory("zimage", 2048, 2048, "cpu", "--image_size")
