@@ -453,6 +453,17 @@ def test_train_bad_sample_prompt_line(cached_qwen, tmp_path, loads, capsys, line
     assert loads == [] and not (out / "lora.safetensors").exists()
 
 
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--learning_rate", "nan", ">= 0"), ("--max_grad_norm", "inf", ">= 0"), ("--discrete_flow_shift", "0", "> 0"),
+    ("--network_alpha", "nan", "a finite number"),
+])
+def test_train_bad_numeric_flag(cached_qwen, tmp_path, loads, capsys, flag, value, expected):
+    out = tmp_path / "out"
+    rc = _train(*_train_argv(cached_qwen, out), flag, value)
+    _error_line(capsys, rc, flag, value, expected)
+    assert loads == [] and not out.exists()
+
+
 def test_train_fifo_dataset_config_does_not_hang(cached_qwen, tmp_path):
     fifo = _fifo(tmp_path / "dataset.toml")
     argv = _train_argv(cached_qwen, tmp_path / "out")

@@ -39,9 +39,30 @@ def check_number(value: float | int | None, flag: str, *, minimum: float | None 
 
 
 # ---- training ---------------------------------------------------------------------------------
+# flag -> (minimum, whether it is excluded); None: any finite number. argparse's float() takes "nan"/"inf".
+_TRAIN_NUMBERS = {
+    "learning_rate": (0, False), "max_grad_norm": (0, False), "guidance_scale": (0, False),
+    "discrete_flow_shift": (0, True), "sigmoid_scale": (0, True), "logit_mean": None, "logit_std": (0, True),
+    "mode_scale": None, "lr_scheduler_power": None, "lr_scheduler_min_lr_ratio": (0, False),
+    "network_alpha": None, "network_dropout": (0, False), "scale_weight_norms": (0, True),
+}
+
+
+def check_training_numbers(args: argparse.Namespace) -> None:
+    """The float training flags are finite and in range."""
+    for name, bound in _TRAIN_NUMBERS.items():
+        minimum, exclusive = bound or (None, False)
+        what = "a finite number" + ("" if minimum is None else f" {'>' if exclusive else '>='} {minimum}")
+        check_number(getattr(args, name, None), f"--{name}", minimum=None if exclusive else minimum,
+                     above=minimum if exclusive else None, what=what)
+    for value in getattr(args, "base_weights_multiplier", None) or []:
+        check_number(value, "--base_weights_multiplier", what="finite numbers")
+
+
 def check_training(arch: str, args: argparse.Namespace) -> None:
-    """``*_train_network`` / ``*_train``: DiT, sample models and prompts, LoRA inputs, output folders."""
+    """``*_train_network`` / ``*_train``: numbers, DiT, sample models and prompts, LoRA inputs, output folders."""
     network = hasattr(args, "network_dim")
+    check_training_numbers(args)
     dit = check_model(args.dit, arch, "dit", "--dit")
     if args.dataset_config:
         require_file(args.dataset_config, "--dataset_config", "dataset config file (.toml or .json)")
