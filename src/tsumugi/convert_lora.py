@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def convert_main(argv: list[str] | None = None) -> int:
     from tsumugi.networks.lora_convert import DEFAULT_DIFFUSERS_PREFIX, convert_lora_file
+    from tsumugi.preflight.runs import check_convert
 
     args = build_parser().parse_args(argv)
+    check_convert(args.input, args.output)
     prefix = args.diffusers_prefix
     if prefix == "-":
         prefix = None

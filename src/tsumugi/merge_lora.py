@@ -205,6 +205,10 @@ def merge_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.dit_in_channels is not None:
         logger.warning("--dit_in_channels is a HunyuanVideo option of Musubi's merge_lora; ignored")
+    from tsumugi.preflight.runs import check_merge
+
+    check_merge(args.dit, args.lora_weight or [], args.lora_multiplier, args.save_merged_model,
+                SAVE_DTYPES[args.save_dtype] if args.save_dtype else None)
     merge_to_file(
         args.dit,
         args.lora_weight or [],

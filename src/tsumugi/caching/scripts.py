@@ -16,6 +16,7 @@ from tsumugi.cli.generate_args import resolve_model_version
 from tsumugi.data.config import DatasetConfig, load_dataset_config
 from tsumugi.data.problems import short_list
 from tsumugi.errors import UserError
+from tsumugi.preflight.runs import check_caching
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def cache_latents_main(arch_name: str, argv: list[str] | None = None) -> int:
         if arch.name == "qwen_image":
             raise UserError("--vae_dtype: not supported for Qwen-Image (the VAE runs in float32)")
         logger.warning("--vae_dtype is ignored: the Z-Image VAE always runs in float32")
+    check_caching(arch.name, args, datasets, "vae")
     vae = arch.load_vae(args.vae, device=device)
     report = cache_latents(
         arch, arch_code, datasets, vae,
@@ -96,6 +98,7 @@ def cache_text_main(arch_name: str, argv: list[str] | None = None) -> int:
     version, arch_code, datasets, device = _setup(arch, args)
     if args.debug_mode:
         return _preview(datasets, args)
+    check_caching(arch.name, args, datasets, "text_encoder")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     text_encoder = arch.load_text_encoder(args.text_encoder, dtype=dtype, device=device)
     identity = model_identity(args.text_encoder)

@@ -18,6 +18,7 @@ from typing import Any
 import toml
 
 from tsumugi.errors import UserError
+from tsumugi.preflight.paths import require_file
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ def _config_path(name: str) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+    for candidate in candidates:
+        if candidate.exists():  # a FIFO, device or folder: refused by name, never opened
+            require_file(candidate, "--config_file", "TOML file")
     raise UserError(f"--config_file: {candidates[0]} not found")
 
 

@@ -44,6 +44,7 @@ from tsumugi.data.items import ImageItem, list_items, scan_items
 from tsumugi.data.paths import resolve_path
 from tsumugi.data.problems import Problems
 from tsumugi.errors import UserError
+from tsumugi.preflight.paths import require_file
 
 __all__ = [
     "ARCHITECTURES",
@@ -188,8 +189,9 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".json"):
         raise UserError(f"{path}: dataset config must be a .toml or .json file (found '{path.suffix}')")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: dataset config file not found")
+    require_file(path, "--dataset_config", "dataset config file")  # a FIFO or folder: refused unopened
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:

@@ -51,7 +51,9 @@ def _check_file(path: Path) -> None:
     if not path.exists():
         raise UserError(f"{path}: image file not found")
     if not path.is_file():
-        raise UserError(f"{path}: not a file")
+        from tsumugi.preflight.paths import describe_mode
+
+        raise UserError(f"{path}: image is {describe_mode(path.stat().st_mode)}; expected a regular image file")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: empty file (0 bytes), not an image")
 

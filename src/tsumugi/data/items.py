@@ -99,7 +99,8 @@ def list_image_files(directory: Path) -> list[Path]:
     except OSError as exc:
         raise UserError(f"{directory}: cannot list directory ({exc.strerror or exc})") from None
     return sorted(
-        (p for p in entries if not p.name.startswith(".") and p.suffix.lower() in extensions and p.is_file()),
+        # not only regular files: a FIFO or device named like an image is listed and then refused by name
+        (p for p in entries if not p.name.startswith(".") and p.suffix.lower() in extensions and not p.is_dir()),
         key=str,
     )
 
@@ -163,6 +164,12 @@ def _read_caption(path: Path, problems: Problems, where: str) -> str | None:
     return None
 
 
+def _what(path: Path) -> str:
+    from tsumugi.preflight.paths import describe_mode
+
+    return describe_mode(path.stat().st_mode)
+
+
 def _caption_path(image: Path, extension: str) -> Path:
     return image.with_name(image.stem + extension)
 
@@ -209,7 +216,11 @@ def _scan_directory(dataset: DatasetConfig, problems: Problems) -> list[_Draft]:
     for image in images:
         caption_path = _caption_path(image, dataset.caption_extension)
         if not caption_path.is_file():
-            uncaptioned.append(image)
+            if caption_path.exists():  # a FIFO, device or folder: never opened (a FIFO would block)
+                problems.error(dataset.name, f"{caption_path}: caption is {_what(caption_path)}; expected a "
+                               "regular text file")
+            else:
+                uncaptioned.append(image)
             continue
         caption = _read_caption(caption_path, problems, dataset.name)
         if caption is not None:

@@ -44,6 +44,17 @@ class LoraModule:
         return (self.up.to(dtype) @ self.down.to(dtype)) * scale
 
 
+def lora_module_names(keys) -> list[str]:
+    """Module names (file prefix removed) of the LoRA factor keys among ``keys``, in first-seen order."""
+    names: dict[str, None] = {}
+    for key in keys:
+        name = next((key[len(p):] for p in _PREFIXES if key.startswith(p)), key)
+        hit = next((s for s in (*_DOWN_SUFFIXES, *_UP_SUFFIXES) if name.endswith(s)), None)
+        if hit:
+            names[name[: -len(hit)]] = None
+    return list(names)
+
+
 def read_lora_file(path: str | Path, flag: str = "--lora_weight") -> list[LoraModule]:
     """Read every LoRA module of a safetensors file; other tensor types (LoHa/LoKr) are rejected clearly."""
     from safetensors import safe_open

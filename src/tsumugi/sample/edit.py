@@ -33,6 +33,7 @@ from tsumugi.caching.pixels import to_model_pixels
 from tsumugi.data.buckets import bucket_for_area, resize_control, resize_to_bucket, vl_input_size
 from tsumugi.data.images import load_image
 from tsumugi.errors import UserError
+from tsumugi.preflight.paths import require_file
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,7 @@ def native_output_size(image: Image.Image, mode: str) -> tuple[int, int]:
 
 
 def load_control_image(path: str, source: str) -> Image.Image:
-    if not Path(path).is_file():
-        raise UserError(f"{source}: control image {path} does not exist")
+    require_file(path, f"{source}: control image", "image file")
     return load_image(path)  # alpha dropped (only Layered keeps it)
 
 
@@ -110,8 +110,7 @@ def encode_controls(arch: Architecture, vae: torch.nn.Module, images: list[Image
 
 def load_mask(path: str, width: int, height: int) -> torch.Tensor:
     """Mask image -> (1, N, 1) on the packed token grid; white (1) = regenerate, black (0) = keep."""
-    if not Path(path).is_file():
-        raise UserError(f"--mask_path: {path} does not exist")
+    require_file(path, "--mask_path", "image file")
     image = resize_to_bucket(load_image(path), (width, height))
     mask = torch.from_numpy(np.asarray(image, dtype=np.float32)[..., 0] / 255.0)[None, None]
     mask = F.interpolate(mask, size=(height // 16, width // 16), mode="bilinear", align_corners=False)

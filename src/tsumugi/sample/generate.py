@@ -23,6 +23,7 @@ from tsumugi.cli.generate_args import build_generate_parser, resolve_model_versi
 from tsumugi.errors import UserError
 from tsumugi.memory.attention import apply_attention_mode
 from tsumugi.networks.lora_merge import merge_lora_files
+from tsumugi.preflight.runs import check_generate_flags, check_generation
 from tsumugi.sample.edit import (
     EDIT_VERSIONS,
     RcmSettings,
@@ -109,7 +110,7 @@ def build_jobs(arch: Architecture, args: argparse.Namespace, version: str = "ori
     """
     if args.from_file and args.prompt:
         logger.info("--from_file given: --prompt is used only for lines without prompt text")
-    lines = read_prompt_file(args.from_file) if args.from_file else [PromptLine(args.prompt or "", source="--prompt")]
+    lines = read_prompt_file(args.from_file, fallback_prompt=bool(args.prompt)) if args.from_file else [PromptLine(args.prompt or "", source="--prompt")]
     edit = version in EDIT_VERSIONS
     mode = resize_mode(args) if edit else "native"
     jobs = []
@@ -361,12 +362,15 @@ def apply_generation_memory_options(dit: torch.nn.Module, arch_name: str, args: 
 def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     """Run the whole pipeline for ``args``; returns the files written."""
     _validate(arch, args)
+    check_generate_flags(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _dtype(args, device)
     if args.latent_path:
+        check_generation(arch.name, args, [], device)
         return decode_latent_files(arch, args, device)
     version = resolve_model_version(args) if arch.name == "qwen_image" else "original"
     jobs = build_jobs(arch, args, version)
+    check_generation(arch.name, args, jobs, device)
     controls = _encode_all_controls(arch, args, jobs, device)
     embeds = encode_all(arch, args, jobs, device, dtype, version)
 

@@ -2,7 +2,9 @@
 
 A line is ``prompt text --w 1024 --h 768 --s 20 --d 42 --g 4.0 --n negative text --fs 3.0``; options
 follow the first `` --``. Empty lines and ``#`` comments are skipped. Unlike Musubi, an unknown option
-is an error naming the line (a typo such as ``--sd 42`` must not silently use a random seed).
+is an error naming the line (a typo such as ``--sd 42`` must not silently use a random seed), and so is a
+value out of range (``--s 0``, ``--g nan``, ``--w -16``) and a line with options but no prompt text
+(unless the caller has a fallback prompt). Files are UTF-8, or UTF-16/UTF-32 with a byte-order mark.
 
 Generate prompt files (``read_prompt_file``) also accept the Qwen-Image-Edit mask/RCM options ``--m PATH``,
 ``--rcm_th X``, ``--rcm_rel_th B``, ``--rcm_ks N``, ``--rcm_ds N``; the architecture checks happen in
@@ -11,11 +13,12 @@ Generate prompt files (``read_prompt_file``) also accept the Qwen-Image-Edit mas
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tsumugi.errors import UserError
+from tsumugi.preflight.text_files import numbered_lines, read_text
 
 
 @dataclass
@@ -62,6 +65,39 @@ _EDIT_OPTIONS = [*_EDIT_INT_OPTIONS, *_EDIT_FLOAT_OPTIONS, "m", "rcm_rel_th"]
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 _OPTION_SPLIT = re.compile(r"\s--(?=[A-Za-z])")
 
+# field -> (option as written in a text line, smallest allowed value, whether the minimum is excluded)
+_RANGES = {
+    "width": ("--w", 0, True), "height": ("--h", 0, True), "steps": ("--s", 1, False),
+    "frame_count": ("--f", 1, False), "guidance_scale": ("--g/--l", 0, False), "flow_shift": ("--fs", 0, True),
+    "rcm_threshold": ("--rcm_th", None, False), "seed": ("--d", None, False),
+}  # --rcm_ks / --rcm_ds (>= 0) are checked with the other mask/RCM rules in tsumugi.sample.generate
+_INT_FIELDS = {"width", "height", "steps", "frame_count", "seed"}
+
+
+def check_values(line: PromptLine) -> PromptLine:
+    """Every numeric setting of ``line`` is a finite number of the right type in range; returns ``line``."""
+    for name, (option, minimum, exclusive) in _RANGES.items():
+        value = getattr(line, name)
+        if value is None:
+            continue
+        integer = name in _INT_FIELDS
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+        ok = ok and not isinstance(value, bool)
+        if ok and minimum is not None:
+            ok = value > minimum if exclusive else value >= minimum
+        if not ok:
+            kind = "an integer" if integer else "a finite number"
+            bound = "" if minimum is None else f" {'>' if exclusive else '>='} {minimum}"
+            raise UserError(f"{line.source}: {option} ({name}) expects {kind}{bound}, found {value!r}")
+    return line
+
+
+def require_text(line: PromptLine) -> PromptLine:
+    """A line that sets options but has no prompt text is a mistake (the text was probably lost)."""
+    if not line.prompt.strip():
+        raise UserError(f"{line.source}: options but no prompt text; expected 'prompt text --w 1024 --h 1024 ...'")
+    return line
+
 
 def parse_prompt_line(
     line: str, source: str = "<prompt>", *, g_is_cfg: bool = True, edit_options: bool = False
@@ -84,7 +120,8 @@ def parse_prompt_line(
             if key in _INT_OPTIONS:
                 setattr(result, _INT_OPTIONS[key], int(value))
             elif key == "g" and not g_is_cfg:
-                float(value)  # validated, then ignored (embedded guidance)
+                if not math.isfinite(float(value)):  # validated, then ignored (embedded guidance)
+                    raise UserError(f"{source}: option --g expects a finite number, found {value!r}")
             elif key in _FLOAT_OPTIONS:
                 setattr(result, _FLOAT_OPTIONS[key], float(value))
             elif key == "n":
@@ -108,20 +145,21 @@ def parse_prompt_line(
                 raise UserError(f"{source}: unknown option --{key} (known: {', '.join('--' + k for k in known)})")
         except ValueError:
             raise UserError(f"{source}: option --{key} expects a number, found {value!r}") from None
-    return result
+    return check_values(result)
 
 
-def read_prompt_file(path: str) -> list[PromptLine]:
-    """All prompt lines of a text file (UTF-8)."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--from_file: {path} does not exist")
+def read_prompt_file(path: str, *, fallback_prompt: bool = False) -> list[PromptLine]:
+    """All prompt lines of ``--from_file`` (UTF-8, or UTF-16/32 with a BOM).
+
+    ``fallback_prompt``: lines with options but no text are allowed (the caller has ``--prompt``).
+    """
     lines = []
-    for number, raw in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in numbered_lines(read_text(path, "--from_file", "prompt text file")):
         text = raw.strip()
         if not text or text.startswith("#"):
             continue
-        lines.append(parse_prompt_line(text, f"{path}:{number}", edit_options=True))
+        line = parse_prompt_line(text, f"{path}:{number}", edit_options=True)
+        lines.append(line if fallback_prompt else require_text(line))
     if not lines:
         raise UserError(f"--from_file: {path} contains no prompt (only blank or # lines)")
     return lines

@@ -25,6 +25,7 @@ from tsumugi.arch.base import Architecture
 from tsumugi.caching.validate import check_caches_once
 from tsumugi.data.config import DatasetConfig, load_dataset_config
 from tsumugi.errors import RunInterrupted, UserError
+from tsumugi.preflight.runs import check_training
 from tsumugi.train.accelerator_options import (
     effective_log_with,
     kwargs_handlers,
@@ -119,6 +120,7 @@ def start_run(arch_name: str, args: argparse.Namespace) -> TrainingRun:
 
     arch = get_architecture(arch_name)
     refuse_unsupported(args)
+    check_training(arch.name, args)  # every file and folder the run touches, before anything loads
     model_version = getattr(args, "model_version", None) or "original"
     if model_version == "layered":
         raise UserError("--model_version layered: Qwen-Image-Layered training is not supported yet")

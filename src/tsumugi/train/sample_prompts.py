@@ -21,8 +21,9 @@ from safetensors.torch import load_file
 from tsumugi.arch.base import Architecture, ImageGeometry, PromptEmbeds
 from tsumugi.caching.fingerprint import text_fingerprint
 from tsumugi.errors import UserError
+from tsumugi.preflight.text_files import numbered_lines, read_text
 from tsumugi.sample.png_output import save_png, to_pil
-from tsumugi.sample.prompt_lines import PromptLine, parse_prompt_line
+from tsumugi.sample.prompt_lines import PromptLine, check_values, parse_prompt_line, require_text
 from tsumugi.sample.sampler import SamplingSettings, denoise
 
 logger = logging.getLogger(__name__)
@@ -34,21 +35,23 @@ _TOML_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width":
 
 
 def _from_dict(entry: dict, source: str) -> PromptLine:
+    if not isinstance(entry, dict):
+        raise UserError(f"{source}: expected a prompt string or a table of settings, found {entry!r}")
     line = PromptLine(prompt="", source=source)
     for key, value in entry.items():
         if key not in _TOML_KEYS:
             raise UserError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(_TOML_KEYS))})")
         if _TOML_KEYS[key]:
             setattr(line, _TOML_KEYS[key], list(value) if key == "control_image_path" else value)
-    return line
+    if not isinstance(line.prompt, str):
+        raise UserError(f"{source}: prompt must be a string, found {line.prompt!r}")
+    return require_text(check_values(line))
 
 
 def read_sample_prompts(path: str) -> list[PromptLine]:
     """Prompts of a ``.txt`` (one prompt line each), ``.toml`` ([prompt] + [[prompt.subset]]) or ``.json`` file."""
     file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--sample_prompts: {path} does not exist")
-    text = file.read_text(encoding="utf-8")
+    text = read_text(file, "--sample_prompts", "prompt file (.txt, .toml or .json)")
     if file.suffix == ".toml":
         import toml
 
@@ -59,11 +62,17 @@ def read_sample_prompts(path: str) -> list[PromptLine]:
         shared = {k: v for k, v in data.items() if k != "subset"}
         return [_from_dict({**shared, **sub}, f"{path}:subset {i}") for i, sub in enumerate(data.get("subset", []))]
     if file.suffix == ".json":
-        entries = json.loads(text)
-        return [parse_prompt_line(e, f"{path}[{i}]", g_is_cfg=False) if isinstance(e, str) else _from_dict(e, f"{path}[{i}]")
-                for i, e in enumerate(entries)]
-    lines = [(n, raw.strip()) for n, raw in enumerate(text.splitlines(), 1)]
-    return [parse_prompt_line(t, f"{path}:{n}", g_is_cfg=False) for n, t in lines if t and not t.startswith("#")]
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--sample_prompts: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(entries, list):
+            raise UserError(f"--sample_prompts: {path}: expected a JSON list of prompts")
+        return [require_text(parse_prompt_line(e, f"{path}[{i}]", g_is_cfg=False)) if isinstance(e, str)
+                else _from_dict(e, f"{path}[{i}]") for i, e in enumerate(entries)]
+    lines = [(n, raw.strip()) for n, raw in numbered_lines(text)]
+    return [require_text(parse_prompt_line(t, f"{path}:{n}", g_is_cfg=False))
+            for n, t in lines if t and not t.startswith("#")]
 
 
 @dataclass
@@ -103,7 +112,7 @@ class TrainingSampler:
                  is_main: bool = True) -> None:
         self.arch, self.args, self.device, self._is_main = arch, args, device, is_main
         lines = read_sample_prompts(args.sample_prompts)
-        self.model_version = self._check_controls(arch, args, lines)
+        self.model_version = self.check_controls(arch, args, lines)
         self.plans = plan_samples(arch, lines)
         if not args.vae:
             raise UserError("--sample_prompts needs --vae to decode the samples")
@@ -122,7 +131,7 @@ class TrainingSampler:
         self.vae = self.arch.load_vae(self.args.vae, device="cpu")
 
     @staticmethod
-    def _check_controls(arch: Architecture, args, lines: list[PromptLine]) -> str:
+    def check_controls(arch: Architecture, args, lines: list[PromptLine]) -> str:
         """Model version for lines with controls (``--ci``): edit versions only; Layered is not supported yet."""
         with_controls = [line.source for line in lines if line.control_images]
         if not with_controls:
