@@ -28,7 +28,16 @@ from tsumugi.models import configs
 from tsumugi.models.components import KINDS, init_kwargs, instantiate, kind_for
 from tsumugi.models.converters import converter
 from tsumugi.models.detect import Detection, detect
-from tsumugi.models.stream import HostTensors, LoadStep, Placement, assign, block_group, place, retype_meta
+from tsumugi.models.stream import (
+    HostTensors,
+    LoadStep,
+    Placement,
+    assign,
+    block_group,
+    host_allocations_returned,
+    place,
+    retype_meta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +213,7 @@ def _load(
                 assign(model, "lm_head.weight", value)
                 assigned.add("lm_head.weight")
 
-    with torch.no_grad():
+    with torch.no_grad(), host_allocations_returned():
         for key, tensor in _stream(det, conv, needs_conversion, meta, converted, layout_keys, preread, host,
                                    dtype, pin_host):
             emit(key, tensor)
