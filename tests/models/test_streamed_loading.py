@@ -21,7 +21,7 @@ from tsumugi.memory.fp8_linear import Fp8LinearStep, quantize_linears_fp8
 from tsumugi.models.components import instantiate
 from tsumugi.models.converters import converter
 from tsumugi.models.detect import detect
-from tsumugi.models.loader import _prepare_keys, _tied_lm_head, load_component, load_dit
+from tsumugi.models.loader import _config, _prepare_keys, _tied_lm_head, load_component, load_dit
 from tsumugi.models.stream import owns_storage
 from tsumugi.networks.lora_files import read_lora_file
 from tsumugi.networks.lora_merge import LoraMergeStep, merge_lora_modules
@@ -66,16 +66,20 @@ def reference_load(path: Path, kind: str, dtype: torch.dtype) -> torch.nn.Module
     with det.source:
         files = list(det.source.files)
         keymap = dict(det.keymap)
-        config_model = load_component(path, kind, flag="--x", dtype=dtype)  # only for its config
+        shapes = {k: det.source.info(f).shape for k, f in keymap.items()}
+        conv = converter(kind)
+        if conv.looks_like_original(shapes):
+            shapes = {k: v.shape for k, v in conv.to_diffusers(
+                {k: torch.empty(s, device="meta") for k, s in shapes.items()}).items()}
+        config = _config(det, kind, _prepare_keys(kind, shapes)[0], "--x")  # the loader's config rules
     raw: dict[str, torch.Tensor] = {}
     for f in files:
         raw.update(load_file(f))
     sd = {k: raw[v].to(dtype) if raw[v].is_floating_point() else raw[v] for k, v in keymap.items()}
-    conv = converter(kind)
     if conv.looks_like_original(sd.keys()):
         sd = conv.to_diffusers(sd)
     sd, _ = _prepare_keys(kind, sd)
-    model = instantiate(kind, config_model._tsumugi_info["config"])
+    model = instantiate(kind, config)
     expected = model.state_dict()
     if _tied_lm_head(model, expected, {k: tuple(v.shape) for k, v in sd.items()}):
         sd["lm_head.weight"] = sd["model.language_model.embed_tokens.weight" if kind == "qwen2_5_vl"
