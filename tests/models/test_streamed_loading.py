@@ -301,3 +301,36 @@ def test_load_peak_memory_is_bounded(mid_zimage, mode, bound):
     growth = (r["peak"] - r["base"]) / size
     assert r["held"] / size < (1.01 if mode == "bf16" else 0.6)
     assert growth < bound, (growth, r)
+
+
+def test_cpu_default_dtype_follows_the_file(dit_files):
+    from tsumugi.models.host_memory import default_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_dtype(dit_files("zimage_dit", "comfy", True), "dit", "zimage", cpu, flag="--dit") == torch.bfloat16
+    assert default_dtype(dit_files("zimage_dit", "comfy"), "dit", "zimage", cpu, flag="--dit") == torch.float32
+    assert default_dtype(dit_files("zimage_dit", "comfy"), "dit", "zimage", cuda, flag="--dit") == torch.bfloat16
+
+
+def test_a_load_that_does_not_fit_is_refused_with_the_estimate(dit_files, monkeypatch):
+    import argparse
+
+    from tsumugi.errors import UserError
+    from tsumugi.models import host_memory
+    from tsumugi.sample.generate import generation_stream_options
+
+    path = dit_files("qwen_image_dit", "comfy", True)
+    model = load_dit(path, "qwen_image", dtype=torch.bfloat16)
+    loaded = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    estimate = host_memory.estimate_bytes(path, "dit", "qwen_image", torch.bfloat16, flag="--dit")
+    assert estimate == loaded
+    fp8 = host_memory.estimate_bytes(path, "dit", "qwen_image", torch.bfloat16, flag="--dit", fp8_blocks=True)
+    assert fp8 < estimate
+    assert host_memory.estimate_bytes(path, "dit", "qwen_image", torch.float32, flag="--dit") == 2 * estimate
+
+    args = argparse.Namespace(dit=str(path), fp8=False, fp8_scaled=False, lora_weight=None, blocks_to_swap=0,
+                              use_pinned_memory_for_block_swap=False)
+    assert generation_stream_options("qwen_image", args, torch.device("cpu"), torch.bfloat16)["steps"] == []
+    monkeypatch.setattr(host_memory, "mem_available", lambda: estimate // 2)
+    with pytest.raises(UserError, match=r"--dit .* as bfloat16 needs about .* GiB of host memory, only"):
+        generation_stream_options("qwen_image", args, torch.device("cpu"), torch.bfloat16)
