@@ -3,8 +3,10 @@
 Steps: :func:`~tsumugi.models.detect.detect` the path (keys only) -> refuse a wrong component or an
 fp8_scaled file -> convert the key set on meta tensors to the library layout -> resolve the config
 (``config.json`` of folders; otherwise released config + ``tsumugi.config`` metadata + shapes) -> build
-the module on the meta device and check keys and shapes -> read tensors one by one (cast to ``dtype``
-as read, placed on ``device``), convert, ``load_state_dict(strict=True, assign=True)``.
+the module on the meta device and check keys and shapes -> stream: each tensor is read (no memory
+map), converted, cast to ``dtype``, passed through the load steps (LoRA merge, fp8), placed on its final
+device and assigned before the next one is read (:mod:`tsumugi.models.stream`; ``docs/model_files.md``,
+"Memory while loading").
 
 What the loader learned is attached to the returned module as ``model._tsumugi_info`` (read it with
 :func:`load_info`): ``kind``, ``layout``, ``prefix``, ``path``, ``files``, ``edit_2511_marker`` (the
