@@ -195,7 +195,8 @@ def _load(
     for step in steps:
         step.prepare(model)
     host = set(host_tensors(model)) if host_tensors is not None else set()
-    on_device, on_host = Placement(device), Placement(torch.device("cpu"), pinned=pin_host and bool(host))
+    pinned = pin_host and bool(host) and torch.cuda.is_available()  # page-locking needs a CUDA driver
+    on_device, on_host = Placement(device), Placement(torch.device("cpu"), pinned=pinned)
     assigned: set[str] = set()
 
     def emit(key: str, tensor: torch.Tensor) -> None:
@@ -217,7 +218,7 @@ def _load(
 
     with torch.no_grad(), host_allocations_returned():
         for key, tensor in _stream(det, conv, needs_conversion, meta, converted, layout_keys, preread, host,
-                                   dtype, pin_host):
+                                   dtype, pinned):
             emit(key, tensor)
     del preread
 
