@@ -44,7 +44,7 @@ def dit_files(tmp_path_factory):
 
     def get(kind: str, fmt: str, bf16: bool = False) -> Path:
         if (kind, fmt, bf16) not in cache:
-            target = root / f"{kind}-{fmt}"
+            target = root / f"{kind}-{fmt}{'-bf16' if bf16 else ''}"
             path = save_component(_dit(kind), kind, fmt, target if fmt == "diffusers" else f"{target}.safetensors")
             if bf16:
                 file = path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
