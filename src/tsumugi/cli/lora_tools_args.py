@@ -73,7 +73,7 @@ def build_ema_parser() -> argparse.ArgumentParser:
 
 
 def build_caption_parser() -> argparse.ArgumentParser:
-    from tsumugi.text.captioning import DEFAULT_MAX_SIZE, DEFAULT_PROMPT_NAME
+    from tsumugi.text.captioning import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_SIZE, DEFAULT_PROMPT_NAME
 
     parser = UserErrorParser(
         prog="caption_images_by_qwen_vl",
@@ -94,14 +94,15 @@ def build_caption_parser() -> argparse.ArgumentParser:
         "--output_dir", default=None, help="folder for the .txt captions of --output_format text (default: beside "
         "the images)",
     )
-    parser.add_argument("--max_new_tokens", type=int, default=1024, help="most tokens generated per caption")
+    parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="most tokens generated per caption")
     parser.add_argument(
         "--prompt", default=None,
         help=f"instruction given with each image; \\n becomes a newline (default: {DEFAULT_PROMPT_NAME})",
     )
     parser.add_argument(
         "--max_size", type=int, default=DEFAULT_MAX_SIZE,
-        help="images are resized to at most max_size x max_size pixels of area (multiples of 28)",
+        help="images are resized (aspect kept, sides multiples of 28) to at most max_size*28*28 pixels of area "
+        "(1280: about 1000x1000) and at least 256*28*28",
     )
     parser.add_argument("--fp8_vl", action="store_true", help="store the language model's Linear weights in fp8")
     parser.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
