@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from tsumugi import lora_post_hoc_ema
 from tsumugi.networks.lora_ema import ema_weights, sigma_rel_to_gamma
 
 N = 5
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def run(*args) -> int:
@@ -134,3 +138,18 @@ def test_bad_input_is_refused_by_name(checkpoints, tmp_path, capsys):
     save_file(checkpoints[0][1], str(nostep))
     assert "--sort_by" in _error(capsys, run(a, nostep, "--sort_by", "step", "--output_file", out))
     assert not out.exists()
+
+
+def test_entry_scripts_run_as_files(checkpoints, tmp_path):
+    """``python src/tsumugi/<tool>.py`` works like the console scripts."""
+    out = tmp_path / "ema.safetensors"
+    files = [str(p) for p, _ in checkpoints]
+    done = subprocess.run([sys.executable, str(SRC / "tsumugi" / "lora_post_hoc_ema.py"), *files, "--beta", "0.5",
+                           "--output_file", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    weights = [0.5 ** (N - 1)] + [0.5 * 0.5 ** (N - 1 - k) for k in range(1, N)]
+    _check(out, checkpoints, weights)
+    for tool, needle in (("qwen_extract_lora", "--clamp_quantile"), ("caption_images_by_qwen_vl", "--fp8_vl")):
+        done = subprocess.run([sys.executable, str(SRC / "tsumugi" / f"{tool}.py"), "--help"], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0 and needle in done.stdout, done.stderr
