@@ -154,7 +154,9 @@ def load_captioner(
     missing = []
     if not any(k.startswith(("visual.", "model.visual.")) for k in keys):
         missing.append("the vision tower (visual.* weights)")
-    if "lm_head.weight" not in keys:
+    folder_config = det.folder_config or {}
+    tied = (folder_config.get("text_config") or {}).get("tie_word_embeddings", folder_config.get("tie_word_embeddings"))
+    if "lm_head.weight" not in keys and not tied:  # a folder whose config ties the head to the embeddings is whole
         missing.append("the language head (lm_head.weight)")
     if missing:
         raise UserError(
