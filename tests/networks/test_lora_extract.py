@@ -156,3 +156,31 @@ def test_bad_input_is_refused_by_name(pair, tmp_path, capsys):
     line = _error(capsys, run("--model_org", base_file, "--model_tuned", tuned_dir, "--save_to", base_file))
     assert "--save_to" in line and "input" in line
     assert not out.exists() and not list(Path(tmp_path).glob(".*tmp*"))
+
+
+def test_reads_one_weight_per_file_at_a_time(pair, tmp_path, monkeypatch):
+    """Streaming: tensors read from the checkpoints do not accumulate (at most the current and the previous
+    weight of each file are alive when a new one is read), whatever the number of modules."""
+    import weakref
+
+    from tsumugi.models.safetensors_io import SafetensorsSource
+
+    arch, base_file, tuned_dir, _, _, known = pair
+    alive: list[weakref.ref] = []
+    peak = 0
+    reads = 0
+    original = SafetensorsSource.get
+
+    def tracking_get(self, key, dtype=None, device="cpu"):
+        nonlocal peak, reads
+        peak = max(peak, sum(r() is not None for r in alive))
+        tensor = original(self, key, dtype, device)
+        alive.append(weakref.ref(tensor))
+        reads += 1
+        return tensor
+
+    monkeypatch.setattr(SafetensorsSource, "get", tracking_get)
+    out = tmp_path / "streamed.safetensors"
+    assert run("--model_org", base_file, "--model_tuned", tuned_dir, "--save_to", out, "--dim", 2) == 0
+    assert reads >= len(known) >= 14  # (fused Z-Image q/k/v weights are read once for three modules)
+    assert peak <= 4, peak
