@@ -22,7 +22,7 @@ logger = logging.getLogger("tsumugi.caption_images_by_qwen_vl")
 
 
 def caption_main(argv: list[str] | None = None) -> int:
-    from tsumugi.merge_lora import _device
+    from tsumugi.cli.lora_tools_args import parse_device
     from tsumugi.text import captioning
     from tsumugi.text.tokenizers import load_tokenizer
 
@@ -42,7 +42,7 @@ def caption_main(argv: list[str] | None = None) -> int:
                     skipped, len(job.images))
     if not job.todo:
         return 0
-    device = _device(args.device)
+    device = parse_device(args.device)
     tokenizer = load_tokenizer("qwen_image")
     model = captioning.load_captioner(args.model_path, device=device, fp8=args.fp8_vl)
     count = captioning.caption_images(job, model, tokenizer, prompt=prompt, max_new_tokens=args.max_new_tokens,

@@ -23,7 +23,7 @@ logger = logging.getLogger("tsumugi.qwen_extract_lora")
 def extract_main(argv: list[str] | None = None) -> int:
     import torch
 
-    from tsumugi.merge_lora import _device
+    from tsumugi.cli.lora_tools_args import parse_device
     from tsumugi.networks.lora_extract import extract_lora
 
     args = build_extract_parser().parse_args(argv)
@@ -37,7 +37,7 @@ def extract_main(argv: list[str] | None = None) -> int:
         args.model_tuned,
         args.save_to,
         dim=args.dim,
-        device=_device(args.device or "cpu"),
+        device=parse_device(args.device, "cpu"),
         clamp_quantile=args.clamp_quantile,
         save_dtype=dtypes[args.save_precision],
         layout=layout,

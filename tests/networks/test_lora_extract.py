@@ -153,6 +153,9 @@ def test_bad_input_is_refused_by_name(pair, tmp_path, capsys):
     assert "--clamp_quantile" in line
     line = _error(capsys, run("--model_org", base_file, "--model_tuned", tuned_dir, "--save_to", out, "--dim", 0))
     assert "--dim" in line
+    line = _error(capsys, run("--model_org", base_file, "--model_tuned", tuned_dir, "--save_to", out,
+                              "--device", "gpu0"))
+    assert "--device" in line and "gpu0" in line
     line = _error(capsys, run("--model_org", base_file, "--model_tuned", tuned_dir, "--save_to", base_file))
     assert "--save_to" in line and "input" in line
     assert not out.exists() and not list(Path(tmp_path).glob(".*tmp*"))

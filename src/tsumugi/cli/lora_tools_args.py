@@ -111,3 +111,21 @@ def build_caption_parser() -> argparse.ArgumentParser:
         help="caption every image; without it images that already have a caption are skipped",
     )
     return parser
+
+
+def parse_device(name: str | None, default: str | None = None):
+    """``--device`` as a torch device; ``None`` gives ``default`` (cuda if available when that is None too)."""
+    import torch
+
+    from tsumugi.errors import UserError
+
+    name = name or default
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--device: {name!r} is not a device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device: {name} requested but CUDA is not available")
+    return device
