@@ -62,6 +62,11 @@ def test_recovers_known_low_rank_delta(pair, tmp_path):
     out = tmp_path / "extracted.safetensors"
     assert run("--model_org", base_file, "--model_tuned", tuned_dir, "--save_to", out, "--dim", 4,
                "--clamp_quantile", 1) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["title"] == "extracted" and "sshs_model_hash" in meta
     modules = read_lora_file(out)
     names = {m.name.removeprefix("diffusion_model.") for m in modules}
     if arch == "qwen_image":  # Musubi layout by default

@@ -104,7 +104,7 @@ def build_caption_parser() -> argparse.ArgumentParser:
         help="images are resized (aspect kept, sides multiples of 28) to at most max_size*28*28 pixels of area "
         "(1280: about 1000x1000) and at least 256*28*28",
     )
-    parser.add_argument("--fp8_vl", action="store_true", help="store the language model's Linear weights in fp8")
+    parser.add_argument("--fp8_vl", action="store_true", help="store the Linear weights (vision tower and language model; not lm_head) in float8")
     parser.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
     parser.add_argument(
         "--overwrite", action="store_true",

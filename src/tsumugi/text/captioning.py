@@ -35,7 +35,7 @@ IMAGE_FACTOR = 28
 MIN_PIXELS = 256 * IMAGE_FACTOR * IMAGE_FACTOR
 DEFAULT_MAX_SIZE = 1280
 DEFAULT_MAX_NEW_TOKENS = 1024
-DEFAULT_PROMPT_NAME = "an image-annotator instruction asking for a detailed natural-language caption"
+DEFAULT_PROMPT_NAME = "a built-in instruction asking for a detailed natural-language caption"
 DEFAULT_PROMPT = (
     "# Image captioning\n"
     "Describe the input image for a text-to-image training caption.\n"
