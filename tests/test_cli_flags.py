@@ -1,7 +1,8 @@
 """Every flag of every script works, warns that it has no effect, or is refused; ``--help`` says which.
 
 Structural checks over the parsers of all scripts (both families, LoRA and full training, generation,
-both caching scripts, merge_lora, convert_lora): a flag's value must be read somewhere in ``src/`` or be
+both caching scripts, merge_lora, convert_lora, qwen_extract_lora,
+lora_post_hoc_ema, caption_images_by_qwen_vl): a flag's value must be read somewhere in ``src/`` or be
 a documented no-op (:data:`tsumugi.cli.flag_notes.NO_OP_FLAGS`) that warns when given.
 """
 
@@ -20,6 +21,7 @@ from tsumugi.arch import get_architecture
 from tsumugi.cli.cache_args import build_cache_latents_parser, build_cache_text_parser
 from tsumugi.cli.flag_notes import NO_OP_FLAGS, help_text
 from tsumugi.cli.generate_args import build_generate_parser
+from tsumugi.cli.lora_tools_args import build_caption_parser, build_ema_parser, build_extract_parser
 from tsumugi.cli.train_args import ATTENTION_FLAGS, build_train_parser, parse_train_args
 from tsumugi.data.config import ALL_DATASET_KEYS
 from tsumugi.errors import UserError
@@ -38,6 +40,9 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
             parsers[parser.prog] = parser
     parsers["merge_lora"] = merge_lora.build_parser()
     parsers["convert_lora"] = convert_lora.build_parser()
+    for build in (build_extract_parser, build_ema_parser, build_caption_parser):
+        parser = build()
+        parsers[parser.prog] = parser
     return parsers
 
 
@@ -61,7 +66,7 @@ def _action(prog: str, dest: str) -> argparse.Action:
 
 
 def test_the_scan_sees_every_script():
-    assert len(PARSERS) == 12 and len(OPTIONS) > 400
+    assert len(PARSERS) == 15 and len(OPTIONS) > 400
 
 
 @pytest.mark.parametrize("prog,dest", OPTIONS)
