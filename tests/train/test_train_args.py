@@ -283,7 +283,8 @@ def test_required_flags(drop, flag):
 
 
 def test_show_timesteps_needs_no_output():
-    args = _parse("zimage", True, "--dit", "d", "--dataset_config", "c", "--network_module", "m", "--show_timesteps", "console")
+    args = _parse("zimage", True, "--dit", "d", "--dataset_config", "c", "--network_module", "networks.lora_zimage",
+                 "--show_timesteps", "console")
     validate_train_args(args, environ={})
 
 
