@@ -34,7 +34,8 @@ VERSION = "edit-2509"
 
 @pytest.fixture(scope="module")
 def mixed(tiny_sets, tmp_path_factory):
-    """(toml, files): pairs dataset (3 images, img002 without its control, batch size 2) + T2I dataset (2)."""
+    """(toml, files, caching log): pairs dataset (3 images, img002 without its control, batch size 2) + T2I
+    dataset (2)."""
     files = tiny_sets("qwen_image")
     root = tmp_path_factory.mktemp("edit_mixed")
     pairs = write_tiny_dataset(root / "pairs", 3, sizes=[(64, 64)], controls_per_item=1, batch_size=2)
@@ -44,9 +45,20 @@ def mixed(tiny_sets, tmp_path_factory):
     plain_block = plain.read_text(encoding="utf-8").split("[[datasets]]", 1)[1]
     toml.write_text(pairs.read_text(encoding="utf-8") + "\n[[datasets]]" + plain_block, encoding="utf-8")
     common = ["--dataset_config", str(toml), "--device", "cpu", "--model_version", VERSION]
-    assert qwen_latents([*common, "--vae", str(files["vae"])]) == 0
-    assert qwen_text([*common, "--text_encoder", str(files["text_encoder"])]) == 0
-    return toml, files
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    caching_logger = logging.getLogger("tsumugi.caching")
+    caching_logger.addHandler(handler)
+    level = caching_logger.level
+    caching_logger.setLevel(logging.INFO)
+    try:
+        assert qwen_latents([*common, "--vae", str(files["vae"])]) == 0
+        assert qwen_text([*common, "--text_encoder", str(files["text_encoder"])]) == 0
+    finally:
+        caching_logger.removeHandler(handler)
+        caching_logger.setLevel(level)
+    return toml, files, messages
 
 
 def _training_data(toml) -> tuple[CachedTrainingData, list]:
@@ -56,9 +68,11 @@ def _training_data(toml) -> tuple[CachedTrainingData, list]:
 
 
 def test_caches_of_items_without_controls(mixed):
-    toml, _ = mixed
+    toml, _, _ = mixed
     data, items = _training_data(toml)
     assert data.items_without_controls() == (3, 5)
+    assert ("3 of 5 item(s) have no control image: their captions are encoded with the text-only prompt "
+            "(text-to-image items)") in mixed[2]
     for item in items:
         keys = read_cache_file(item.latent_path)[0].keys()
         controls = [k for k in keys if k.startswith("latents_control_")]
@@ -71,7 +85,7 @@ def test_caches_of_items_without_controls(mixed):
 
 
 def test_text_cache_without_controls_is_the_text_to_image_prompt(mixed, tiny_sets):
-    toml, _ = mixed
+    toml, _, _ = mixed
     _, items = _training_data(toml)
     without = [item for item in items if not item.control_sizes]
     pipe = reference_pipeline("qwen_image", tiny_sets("qwen_image", "diffusers"))
@@ -87,7 +101,7 @@ def test_text_cache_without_controls_is_the_text_to_image_prompt(mixed, tiny_set
 
 
 def test_loss_of_item_without_controls_is_the_text_to_image_loss(mixed, tiny_sets):
-    toml, files = mixed
+    toml, files, _ = mixed
     data, items = _training_data(toml)
     item = next(i for i in items if not i.control_sizes and "pairs" in str(i.latent_path))
     arch = get_architecture("qwen_image")
@@ -110,7 +124,7 @@ def test_loss_of_item_without_controls_is_the_text_to_image_loss(mixed, tiny_set
 
 
 def test_training_logs_the_count_and_runs(mixed, tmp_path, caplog):
-    toml, files = mixed
+    toml, files, _ = mixed
     caplog.set_level(logging.INFO, logger="tsumugi.train")
     result = run("qwen_image", toml, files, tmp_path, "--model_version", VERSION, "--max_train_steps", "5")
     assert len(result.losses) == 5 and all(torch.isfinite(torch.tensor(result.losses)))

@@ -127,7 +127,12 @@ def cache_text_outputs(
     report = CacheReport()
     uses_images = text_uses_images(arch_code, model_version)
     produced: dict[Path, set[Path]] = {}
-    warn_truncated_captions(arch, tokenizer, [item for d in datasets for item in list_items(d)], model_version)
+    all_items = [item for d in datasets for item in list_items(d)]
+    warn_truncated_captions(arch, tokenizer, all_items, model_version)
+    without = sum(not item.control_paths for item in all_items)
+    if uses_images and without:
+        logger.info("%d of %d item(s) have no control image: their captions are encoded with the text-only "
+                    "prompt (text-to-image items)", without, len(all_items))
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         for dataset in datasets:
             remove_temporaries(dataset.cache_directory)
