@@ -16,10 +16,11 @@ with the same defaults: bf16 on CUDA, fp32 on CPU.
 CPU figures are only meaningful on an otherwise idle machine: with every core in use by torch's threads,
 any other busy process stalls each parallel operation and steps can take 10-30x longer.
 
-Weights: ``file`` writes a random DiT with ``save_component`` into ``--workdir`` once per size and loads
-it with the real loader; ``inplace`` (the default for ``--size release``) draws random weights directly
-in the DiT dtype on the load device, because a 20B-parameter file would be written from a full fp32
-model on the host (80 GB) and cost minutes of disk I/O that the per-step time does not depend on.
+Weights: ``file`` writes a random bf16 DiT into ``--workdir`` once per size (streamed, one tensor at a
+time: the model is never built on the host to write it) and loads it with the real loader onto the load
+device; ``inplace`` (the default for ``--size release``) draws random weights directly in the DiT dtype
+on the load device, because a 41 GB file costs minutes of disk I/O that the per-step time does not
+depend on.
 
 Reports the median time of the steps after the first (warm-up, compilation) per resolution, peak host
 memory (process maximum so far, so rows are cumulative) and peak device memory of that run (CUDA).
@@ -47,6 +48,7 @@ from common import (  # noqa: E402
     peak_host_gib,
     random_dit_inplace,
     text_width,
+    written_dit_file,
 )
 
 from tsumugi.arch import get_architecture  # noqa: E402
@@ -54,7 +56,6 @@ from tsumugi.arch.base import Architecture, ImageGeometry, PromptEmbeds  # noqa:
 from tsumugi.cli.generate_args import build_generate_parser  # noqa: E402
 from tsumugi.sample.generate import apply_generation_memory_options  # noqa: E402
 from tsumugi.sample.sampler import SamplingSettings, denoise  # noqa: E402
-from tsumugi.testing.tiny_models import build_random, save_component  # noqa: E402
 
 COMPONENTS = {"qwen_image": "qwen_image_dit", "zimage": "zimage_dit"}
 CFG_SCALE = 4.0
@@ -104,13 +105,9 @@ def load_device(gen: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
 
 
 def dit_file(arch: str, size: str, config: dict[str, Any], workdir: str) -> Path:
-    """The random DiT of ``size`` in the ComfyUI single-file layout, written once into ``workdir``."""
-    component = COMPONENTS[arch]
-    path = Path(workdir) / f"{arch}_{size}" / "dit.safetensors"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_component(build_random(component, config), component, "comfy", path)
-    return path
+    """The random bf16 DiT of ``size`` in the ComfyUI single-file layout, written once into ``workdir``
+    (streamed, tensor by tensor: no model on the host while it is written)."""
+    return written_dit_file(COMPONENTS[arch], config, Path(workdir) / f"{arch}_{size}" / "dit.safetensors")
 
 
 def prepare_dit(
