@@ -28,12 +28,13 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tsumugi.testing.host_memory import PeakSampler, status_kib  # noqa: E402
 
 MODES: dict[str, tuple[list[str], bool]] = {
     "bf16": ([], False),
@@ -51,47 +52,12 @@ COMPONENTS = {"qwen_image": "qwen_image_dit", "zimage": "zimage_dit"}
 GIB = 2**30
 
 
-def status_kib(field: str) -> int:
-    """A ``kB`` field of /proc/self/status (VmHWM, VmRSS, RssAnon...)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field} (Linux only)")
-
-
-class AnonPeak:
-    """The highest RssAnon seen by a background thread polling /proc/self/status (the kernel keeps a
-    high-water mark of the whole RSS only)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.peak = status_kib("RssAnon")
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.peak = max(self.peak, status_kib("RssAnon"))
-
-    def value(self) -> int:
-        """The peak so far (KiB), including the present value."""
-        self.peak = max(self.peak, status_kib("RssAnon"))
-        return self.peak
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.value()
-
-
 # ---- the child processes -------------------------------------------------------------------------------
 def child_write(args: argparse.Namespace) -> dict[str, Any]:
     from common import dit_config, write_random_dit_file
 
     component = COMPONENTS[args.arch]
-    sampler = AnonPeak()
+    sampler = PeakSampler()
     start = time.perf_counter()
     write_random_dit_file(component, dit_config(component, args.size), Path(args.file))
     seconds = time.perf_counter() - start
@@ -121,7 +87,7 @@ def child_load(args: argparse.Namespace) -> dict[str, Any]:
 
     instantiate(component, config, empty=True)  # imports the model classes; meta device, no weights
     base = status_kib("RssAnon")
-    sampler = AnonPeak()
+    sampler = PeakSampler()
     start = time.perf_counter()
     dit, _ = prepare_dit(arch, bench, gen, config, device, dtype)
     out: dict[str, Any] = {"base": base, "load s": time.perf_counter() - start}
