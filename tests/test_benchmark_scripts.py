@@ -68,3 +68,21 @@ def test_train_step_runs(tmp_path: Path) -> None:
     rows = table_rows(out)
     assert [(r["arch"], r["resolution"]) for r in rows] == [("zimage", "128")]
     assert_positive_step(rows)
+
+
+def test_release_memory_runs_and_reuses_its_file(tmp_path: Path) -> None:
+    """The host-memory benchmark: the streamed write, then each mode in its own process; a second run
+    reuses the file (no ``write`` row)."""
+    args = ["--arch", "zimage", "--size", "small", "--blocks_to_swap", "1", "--resolution", "64",
+            "--workdir", str(tmp_path)]
+    rows = table_rows(run_script("release_memory.py", *args, "--modes", "bf16", "fp8_scaled+swap+step"))
+    assert [r["mode"] for r in rows] == ["write", "bf16", "fp8_scaled+swap+step"]
+    for row in rows:
+        assert 0 < float(row["peak anon GiB"]) <= float(row["peak RSS GiB"]), row
+        assert float(row["RSS / file"]) > 1  # at small size the interpreter and torch dwarf the file
+    assert rows[1]["step s"] == "-" and float(rows[2]["step s"]) > 0
+    assert rows[1]["target RSS / file"] == "<= 1.050" and rows[2]["target RSS / file"] == "<= 0.600"
+    assert (tmp_path / "zimage_small" / "dit.safetensors").is_file()
+
+    rows = table_rows(run_script("release_memory.py", *args, "--modes", "swap"))
+    assert [r["mode"] for r in rows] == ["swap"]
