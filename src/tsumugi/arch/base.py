@@ -66,11 +66,14 @@ class Architecture(ABC):
 
     # ---- components (loaded by tsumugi.models.loader under the family's name) -------------------
     def load_dit(
-        self, path: str, *, dtype: torch.dtype, device: torch.device | str, model_version: str = "original"
+        self, path: str, *, dtype: torch.dtype, device: torch.device | str, model_version: str = "original",
+        **stream: Any,
     ) -> torch.nn.Module:
+        """``stream``: the streaming options of :func:`tsumugi.models.loader.load_dit` (``steps``,
+        ``host_tensors``, ``pin_host``)."""
         from tsumugi.models.loader import load_dit
 
-        return load_dit(path, self.name, dtype=dtype, device=device)
+        return load_dit(path, self.name, dtype=dtype, device=device, **stream)
 
     def load_vae(self, path: str, *, device: torch.device | str) -> torch.nn.Module:
         """Both families run their VAE in float32."""
@@ -78,10 +81,18 @@ class Architecture(ABC):
 
         return load_vae(path, self.name, dtype=torch.float32, device=device)
 
-    def load_text_encoder(self, path: str, *, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
+    def load_text_encoder(
+        self, path: str, *, dtype: torch.dtype, device: torch.device | str, fp8: bool = False
+    ) -> torch.nn.Module:
+        """``fp8``: ``--fp8_vl`` / ``--fp8_llm``, the Linears quantized as they stream in."""
         from tsumugi.models.loader import load_text_encoder
 
-        return load_text_encoder(path, self.name, dtype=dtype, device=device)
+        steps = []
+        if fp8:
+            from tsumugi.memory.fp8_linear import Fp8LinearStep
+
+            steps.append(Fp8LinearStep())
+        return load_text_encoder(path, self.name, dtype=dtype, device=device, steps=steps)
 
     def load_tokenizer(self, override: str | None = None) -> Any:
         from tsumugi.text.tokenizers import load_tokenizer

@@ -64,13 +64,14 @@ class QwenImageArchitecture(Architecture):
     default_negative_prompt = " "
 
     def load_dit(
-        self, path: str, *, dtype: torch.dtype, device: torch.device | str, model_version: str = "original"
+        self, path: str, *, dtype: torch.dtype, device: torch.device | str, model_version: str = "original",
+        **stream: Any,
     ) -> torch.nn.Module:
         """Edit-2511 modulates control tokens with t = 0 (``zero_cond_t``), also for files without its marker."""
         from tsumugi.models.loader import load_dit
 
         overrides = {"zero_cond_t": True} if model_version == "edit-2511" else None
-        return load_dit(path, "qwen_image", dtype=dtype, device=device, config_overrides=overrides)
+        return load_dit(path, "qwen_image", dtype=dtype, device=device, config_overrides=overrides, **stream)
 
     def encode_prompts(
         self, text_encoder: torch.nn.Module, tokenizer: Any, prompts: list[str], device: torch.device | str

@@ -90,13 +90,12 @@ def cache_text_main(arch_name: str, argv: list[str] | None = None) -> int:
     version, arch_code, datasets, device = _setup(arch, args)
     if args.debug_mode:
         return _preview(datasets, args)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    text_encoder = arch.load_text_encoder(args.text_encoder, dtype=dtype, device=device)
+    from tsumugi.models.host_memory import default_dtype
+
+    dtype = default_dtype(args.text_encoder, "text_encoder", arch.name, device, flag="--text_encoder")
+    text_encoder = arch.load_text_encoder(args.text_encoder, dtype=dtype, device=device, fp8=args.fp8_text_encoder)
     identity = model_identity(args.text_encoder)
     if args.fp8_text_encoder:
-        from tsumugi.memory.fp8_linear import quantize_linears_fp8
-
-        quantize_linears_fp8(text_encoder)
         identity += ":fp8"
     report = cache_text_outputs(
         arch, arch_code, datasets, text_encoder, arch.load_tokenizer(args.tokenizer),

@@ -60,6 +60,13 @@ version counter moved, e.g. an optimizer step in full fine-tuning) is it written
 weights must be frozen (LoRA training, generation). Blocks with trainable weights make the compute
 stream wait for their load immediately, so an optimizer step never reads a copy in flight.
 
+Host memory
+-----------
+Each swapped weight has exactly one host copy, its master. A weight already on the CPU (and pinned
+when ``pinned=True``) becomes the master as it is; the loader puts them there directly when given
+:func:`swap_host_tensors` (``load_dit(host_tensors=..., pin_host=...)``), so loading with block swap
+never holds a second host copy nor passes swapped weights through the device.
+
 Not handled here: gradients of trainable swapped weights stay on the device while the weight is
 offloaded (``--fused_backward_pass`` or optimizer param patching, spec memory.md 1.5).
 
@@ -75,7 +82,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -177,6 +184,19 @@ class _SavedWeight(NamedTuple):
     offset: int
 
 
+def _check_num_swap(num_swap: object, num_blocks: int, max_swap: int | None, flag: str) -> None:
+    max_swap = num_blocks - 1 if max_swap is None else min(max_swap, num_blocks - 1)
+    if (
+        isinstance(num_swap, bool)
+        or not isinstance(num_swap, int)
+        or not 0 <= num_swap <= max(max_swap, 0)
+    ):
+        raise UserError(
+            f"{flag}: {num_swap} is out of range for a model with {num_blocks} blocks; "
+            f"expected 0..{max(max_swap, 0)}"
+        )
+
+
 def _spread(num_blocks: int, num_swap: int) -> list[int]:
     """Indices of the streamed blocks, evenly spread and ending with the last block."""
     if num_swap == 0:
@@ -247,16 +267,7 @@ class BlockSwapper:
         trace: bool = False,
     ) -> None:
         num_blocks = len(blocks)
-        max_swap = num_blocks - 1 if max_swap is None else min(max_swap, num_blocks - 1)
-        if (
-            isinstance(num_swap, bool)
-            or not isinstance(num_swap, int)
-            or not 0 <= num_swap <= max(max_swap, 0)
-        ):
-            raise UserError(
-                f"{flag}: {num_swap} is out of range for a model with {num_blocks} blocks; "
-                f"expected 0..{max(max_swap, 0)}"
-            )
+        _check_num_swap(num_swap, num_blocks, max_swap, flag)
         if slots < 2:
             raise ValueError(f"block swap needs at least 2 device slots for streamed blocks, got {slots}")
         device = torch.device(device)
@@ -318,7 +329,9 @@ class BlockSwapper:
         tensors: list[_Swapped] = []
         for path, module, name, t in _linear_tensors(self.blocks[index]):
             is_param = name in module._parameters
-            if self.pinned:
+            if t.device.type == "cpu" and (t.is_pinned() or not self.pinned):
+                master = t.detach()  # already in its host home (streamed there by the loader): no copy
+            elif self.pinned:
                 master = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 master.copy_(t.detach())
             else:
@@ -582,3 +595,28 @@ def attach_block_swap(
     swapper = BlockSwapper(blocks, num_swap, device, max_swap=len(blocks) - reserve, **kwargs)
     _move_tensors(dit, swapper.device, swapper._owned)
     return swapper
+
+
+def swap_host_tensors(
+    num_swap: int, arch: Literal["qwen_image", "zimage"], *, flag: str = "--blocks_to_swap"
+) -> Callable[[nn.Module], list[str]]:
+    """For ``load_dit(host_tensors=...)``: the keys of the weights :func:`attach_block_swap` will stream.
+
+    Loading them straight into host memory (pinned with ``load_dit(pin_host=True)``) makes them the
+    swapper's masters as they are: each swapped weight has exactly one host copy and never passes
+    through the device. The block count is checked against the model as :class:`BlockSwapper` does.
+    """
+    if arch not in ARCH_BLOCKS:
+        raise ValueError(f"block swap: unknown architecture {arch!r}; expected one of {sorted(ARCH_BLOCKS)}")
+    attr, reserve = ARCH_BLOCKS[arch]
+
+    def keys(dit: nn.Module) -> list[str]:
+        blocks = getattr(dit, attr)
+        _check_num_swap(num_swap, len(blocks), len(blocks) - reserve, flag)
+        out = []
+        for i in _spread(len(blocks), num_swap):
+            for path, _, name, _ in _linear_tensors(blocks[i]):
+                out.append(f"{attr}.{i}.{path}.{name}" if path else f"{attr}.{i}.{name}")
+        return out
+
+    return keys

@@ -33,7 +33,9 @@ plain e4m3 cast hurts most (embedders see raw inputs, modulation sets scales of 
 
 Order of operations: merge inference LoRAs into the full-precision weights first
 (``lora_merge``), quantize second; for training quantize first, apply the LoRA network second -- its
-wrapper calls this class's ``forward`` and adds the low-rank term in the LoRA's own dtype. A scaled
+wrapper calls this class's ``forward`` and adds the low-rank term in the LoRA's own dtype. Both can happen while the DiT streams in
+(:class:`Fp8DitStep`, after :class:`~tsumugi.networks.lora_merge.LoraMergeStep`), with the same result
+and without a full-precision copy of the model. A scaled
 weight cannot take a merge afterwards (``LoRANetwork.merge_into_base`` refuses because of
 ``scale_weight``).
 
@@ -62,6 +64,7 @@ from torch import nn
 
 from tsumugi.errors import UserError
 from tsumugi.memory.fp8_linear import FP8_MAX
+from tsumugi.models.stream import LoadStep
 
 logger = logging.getLogger(__name__)
 
@@ -380,6 +383,47 @@ def quantize_dit_fp8(
         report["linear_weight_bytes_after"] / 2**20,
     )
     return names
+
+
+class Fp8DitStep(LoadStep):
+    """:func:`quantize_dit_fp8` while the DiT streams in (``load_dit(..., steps=[...])``).
+
+    ``prepare`` runs :func:`quantize_dit_fp8` on the meta-device DiT (class swap, fp8 and scale
+    stand-ins); ``apply`` quantizes each target weight as it arrives, with the same
+    :func:`quantize_weight_fp8` call as quantize-after-load, so the result is bit-identical to it
+    without the full-precision model ever existing. Arguments as :func:`quantize_dit_fp8`.
+    """
+
+    def __init__(
+        self,
+        arch: Arch | str,
+        *,
+        scaled: bool,
+        block_size: int | None = 64,
+        keep_modulation: bool = False,
+        scaled_mm: bool = True,
+    ) -> None:
+        self.arch, self.scaled, self.block_size = arch, scaled, block_size
+        self.keep_modulation, self.scaled_mm = keep_modulation, scaled_mm
+        self.targets: frozenset[str] = frozenset()
+
+    def prepare(self, model: nn.Module) -> None:
+        names = quantize_dit_fp8(model, self.arch, scaled=self.scaled, block_size=self.block_size,
+                                 keep_modulation=self.keep_modulation, scaled_mm=self.scaled_mm)
+        self.targets = frozenset(f"{n}.weight" for n in names)
+
+    def apply(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if key not in self.targets:
+            return {key: tensor}
+        if tensor.dtype in _FP8_DTYPES:
+            raise UserError(
+                f"--fp8_base/--fp8_scaled need fp16/bf16/fp32 DiT weights, but {key} is {tensor.dtype}"
+            )
+        q, scale = quantize_weight_fp8(tensor, scaled=self.scaled, block_size=self.block_size)
+        out = {key: q}
+        if scale is not None:
+            out[key[: -len("weight")] + "scale_weight"] = scale
+        return out
 
 
 def fp8_memory_report(dit: nn.Module) -> dict[str, int]:

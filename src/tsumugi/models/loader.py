@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from tsumugi.models import configs
 from tsumugi.models.components import KINDS, init_kwargs, instantiate, kind_for
 from tsumugi.models.converters import converter
 from tsumugi.models.detect import Detection, detect
+from tsumugi.models.stream import HostTensors, LoadStep, Placement, assign, block_group, place, retype_meta
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,20 @@ def load_dit(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     config_overrides: Mapping[str, Any] | None = None,
+    steps: Sequence[LoadStep] = (),
+    host_tensors: HostTensors | None = None,
+    pin_host: bool = False,
 ) -> torch.nn.Module:
     """The DiT of ``arch`` ("qwen_image" | "zimage") from ``path``.
 
     ``config_overrides`` win over everything else (e.g. ``{"zero_cond_t": True}`` for Edit-2511).
+    ``steps`` transform each tensor as it streams in (LoRA merge, fp8 quantization, in that order);
+    ``host_tensors`` names the tensors that stay in host memory (pinned with ``pin_host``) instead of
+    going to ``device`` (block swap's streamed weights, see :func:`~tsumugi.memory.block_swap.swap_host_tensors`).
     """
     return load_component(path, kind_for("dit", arch).name, flag=flag, dtype=dtype, device=device,
-                          config_overrides=config_overrides)
+                          config_overrides=config_overrides, steps=steps, host_tensors=host_tensors,
+                          pin_host=pin_host)
 
 
 def load_vae(
@@ -76,10 +84,15 @@ def load_text_encoder(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     config_overrides: Mapping[str, Any] | None = None,
+    steps: Sequence[LoadStep] = (),
 ) -> torch.nn.Module:
-    """Qwen2_5_VLForConditionalGeneration (qwen_image) or Qwen3Model (zimage)."""
+    """Qwen2_5_VLForConditionalGeneration (qwen_image) or Qwen3Model (zimage).
+
+    ``steps``: see :func:`load_dit` (e.g. :class:`~tsumugi.memory.fp8_linear.Fp8LinearStep` for
+    ``--fp8_vl`` / ``--fp8_llm``).
+    """
     return load_component(path, kind_for("text_encoder", arch).name, flag=flag, dtype=dtype, device=device,
-                          config_overrides=config_overrides)
+                          config_overrides=config_overrides, steps=steps)
 
 
 def load_info(model: torch.nn.Module) -> dict[str, Any]:
@@ -96,6 +109,9 @@ def load_component(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     config_overrides: Mapping[str, Any] | None = None,
+    steps: Sequence[LoadStep] = (),
+    host_tensors: HostTensors | None = None,
+    pin_host: bool = False,
 ) -> torch.nn.Module:
     spec = KINDS[kind]
     det = detect(path, kind, flag=flag)
@@ -107,7 +123,8 @@ def load_component(
                 f"{flag}: {det.path} is an fp8_scaled checkpoint (pre-quantized weights with scale tensors); "
                 "loading those is not supported yet: use the bf16 (or fp16) file"
             )
-        return _load(det, kind, flag=flag, dtype=dtype, device=device, config_overrides=config_overrides)
+        return _load(det, kind, flag=flag, dtype=dtype, device=device, config_overrides=config_overrides,
+                     steps=steps, host_tensors=host_tensors, pin_host=pin_host)
 
 
 def _load(
@@ -118,24 +135,27 @@ def _load(
     dtype: torch.dtype,
     device: torch.device | str,
     config_overrides: Mapping[str, Any] | None,
+    steps: Sequence[LoadStep] = (),
+    host_tensors: HostTensors | None = None,
+    pin_host: bool = False,
 ) -> torch.nn.Module:
     conv = converter(kind)
     needs_conversion = conv.looks_like_original(det.keymap.keys())
-
-    def read_state() -> dict[str, torch.Tensor]:
-        state = {k: det.source.get(f, dtype, device) for k, f in det.keymap.items()}
-        return conv.to_diffusers(state) if needs_conversion else state
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
 
     # Learn the library-layout keys and shapes without reading data (converters are pure key/shape
     # functions, so they run on meta tensors); a converter that needs values gets the real tensors.
-    state: dict[str, torch.Tensor] | None = None
+    preread: dict[str, torch.Tensor] | None = None
     meta = {k: torch.empty(det.source.info(f).shape, device="meta") for k, f in det.keymap.items()}
     try:
-        layout_keys = conv.to_diffusers(meta) if needs_conversion else meta
+        converted = conv.to_diffusers(meta) if needs_conversion else dict(meta)
     except Exception:
         logger.debug("converter for %s needs tensor data; converting before the key check", kind)
-        layout_keys = state = read_state()
-    layout_keys, remapped = _prepare_keys(kind, layout_keys)
+        preread = {k: det.source.get(f, dtype) for k, f in det.keymap.items()}
+        converted = conv.to_diffusers(preread) if needs_conversion else preread
+    layout_keys, remapped = _prepare_keys(kind, dict(converted))
     shapes = {k: tuple(v.shape) for k, v in layout_keys.items()}
 
     config = _config(det, kind, shapes, flag)
@@ -159,15 +179,43 @@ def _load(
     tie_lm_head = _tied_lm_head(model, expected, shapes)
     _check_keys(flag, det, kind, expected, shapes, ignore={"lm_head.weight"} if tie_lm_head else set())
 
-    if state is None:
-        state = read_state()
-    state, _ = _prepare_keys(kind, state)
-    if tie_lm_head:
-        state["lm_head.weight"] = state[_embed_key(kind)]
-    model.load_state_dict(state, strict=True, assign=True)
-    del state
-    if torch.device(device).type != "cpu":
-        model.to(device)  # the real (non-meta) buffers built on CPU, e.g. RoPE tables
+    # Final dtypes on the meta module, then the steps restructure it; then stream the data in.
+    retype_meta(model, list(expected), dtype)
+    for step in steps:
+        step.prepare(model)
+    host = set(host_tensors(model)) if host_tensors is not None else set()
+    on_device, on_host = Placement(device), Placement(torch.device("cpu"), pinned=pin_host and bool(host))
+    assigned: set[str] = set()
+
+    def emit(key: str, tensor: torch.Tensor) -> None:
+        where = on_host if key in host else on_device
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(device=where.device, dtype=dtype)
+        elif tensor.device != where.device:
+            tensor = tensor.to(where.device)
+        outputs = {key: tensor}
+        for step in steps:
+            outputs = {k2: v2 for k, v in outputs.items() for k2, v2 in step.apply(k, v).items()}
+        for out_key, value in outputs.items():
+            value = place(value, on_host if out_key in host else on_device)
+            assign(model, out_key, value)
+            assigned.add(out_key)
+            if tie_lm_head and out_key == _embed_key(kind):
+                assign(model, "lm_head.weight", value)
+                assigned.add("lm_head.weight")
+
+    with torch.no_grad():
+        for key, tensor in _stream(det, conv, needs_conversion, meta, converted, layout_keys, preread, host,
+                                   dtype, pin_host):
+            emit(key, tensor)
+    del preread
+
+    missing = [k for k, v in model.state_dict().items() if v.device.type == "meta"]
+    if missing:
+        raise RuntimeError(f"{flag}: streaming {det.path} left {len(missing)} tensors unloaded: {missing[:4]}")
+    _move_unloaded_buffers(model, assigned, device)
+    for step in steps:
+        step.finish(model)
     model.eval()
     setattr(model, INFO_ATTR, {
         "kind": kind,
@@ -183,6 +231,84 @@ def _load(
     if det.edit_2511_marker:
         logger.info("%s: %s carries the Edit-2511 marker %s (removed)", flag, det.path, "__index_timestep_zero__")
     return model
+
+
+def _stream(
+    det: Detection,
+    conv: Any,
+    needs_conversion: bool,
+    meta: dict[str, torch.Tensor],
+    converted: dict[str, torch.Tensor],
+    final: dict[str, torch.Tensor],
+    preread: dict[str, torch.Tensor] | None,
+    host: set[str],
+    dtype: torch.dtype,
+    pin_host: bool,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(library key, tensor)`` pairs, one file tensor read at a time, in file order.
+
+    A converted key whose tensor is an input tensor (a rename: every key but Z-Image's split qkv) is read
+    and yielded as is. An input the converter consumes (the fused qkv) is read alone and converted with
+    the other keys of its block as meta stand-ins; its real outputs are yielded (views of the read
+    tensor: the caller copies them into their own storage, so the fused tensor is freed right after).
+    """
+    final_of = {id(v): k for k, v in final.items()}
+    conv_to_final = {ck: final_of[id(v)] for ck, v in converted.items() if id(v) in final_of}
+    if preread is not None:
+        for ck, v in converted.items():
+            if ck in conv_to_final:
+                yield conv_to_final[ck], v
+        return
+    input_of = {id(m): k for k, m in meta.items()}
+    renames: dict[str, list[str]] = {}
+    computed: set[str] = set()
+    for ck, v in converted.items():
+        if ck not in conv_to_final:
+            continue
+        if id(v) in input_of:
+            renames.setdefault(input_of[id(v)], []).append(conv_to_final[ck])
+        else:
+            computed.add(ck)
+    groups: dict[str, list[str]] = {}
+    for k in meta:
+        groups.setdefault(block_group(k), []).append(k)
+    order = sorted(det.keymap, key=lambda k: (str(det.source.info(det.keymap[k]).file),
+                                               det.source.info(det.keymap[k]).start))
+    done: set[str] = set()
+    for k in order:
+        file_key = det.keymap[k]
+        targets = renames.get(k)
+        if targets is not None:
+            info = det.source.info(file_key)
+            direct_host = len(targets) == 1 and targets[0] in host and pin_host
+            same_dtype = info.dtype is not None and not (info.dtype.is_floating_point and info.dtype != dtype)
+            tensor = det.source.read(file_key, pin_memory=direct_host and same_dtype)
+            for target in targets:
+                yield target, tensor
+            del tensor
+            continue
+        if not needs_conversion or not computed - done:
+            continue  # dropped by the conversion (e.g. Z-Image's unused norm_final)
+        group = groups[block_group(k)]
+        real = det.source.read(file_key)
+        try:
+            out = conv.to_diffusers({g: (real if g == k else meta[g]) for g in group})
+        except Exception:  # an output needing several inputs at once: convert the block with real data
+            out = conv.to_diffusers({g: det.source.read(det.keymap[g]) for g in group})
+        for ck, v in out.items():
+            if ck in computed and ck not in done and v.device.type != "meta":
+                done.add(ck)
+                yield conv_to_final[ck], v
+        del real, out
+
+
+def _move_unloaded_buffers(model: torch.nn.Module, assigned: set[str], device: torch.device) -> None:
+    """Buffers the file does not hold (built real on the CPU, e.g. RoPE tables) go to ``device``."""
+    for name, module in model.named_modules():
+        for bname, b in module._buffers.items():
+            key = f"{name}.{bname}" if name else bname
+            if b is not None and key not in assigned and b.device != device:
+                module._buffers[bname] = b.to(device)
 
 
 def _prepare_keys(kind: str, sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:

@@ -1,9 +1,9 @@
 """Reading and writing safetensors files: single files, shard sets, index files.
 
-Reading is lazy: :func:`open_safetensors` parses only the JSON headers (keys, dtypes, shapes,
-metadata), so detection and config derivation never touch tensor data. Tensors are then read one at a
-time through ``safetensors.safe_open`` (memory-mapped) and cast to the requested dtype as each is read,
-so a load never holds the file's bytes and a second converted copy at the same time.
+Reading is lazy: :func:`open_safetensors` parses only the JSON headers (keys, dtypes, shapes, data
+offsets, metadata), so detection and config derivation never touch tensor data. Tensors are then read
+one at a time with ``pread`` into memory they own (no memory map: nothing read can keep the file mapped)
+and cast to the requested dtype as each is read.
 
 We parse the header ourselves (8-byte little-endian length + JSON) to check a file before handing it to
 safetensors: a truncated download or a non-safetensors file becomes a :class:`UserError` naming the
@@ -63,6 +63,8 @@ class TensorInfo:
     dtype_name: str
     shape: tuple[int, ...]
     file: Path
+    start: int = -1  # absolute byte offset of the data in ``file`` (-1: unknown)
+    stop: int = -1
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -100,7 +102,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             begin, end = entry["data_offsets"]
             data_end = max(data_end, int(end))
             name = str(entry["dtype"])
-            tensors[key] = TensorInfo(_DTYPES.get(name), name, tuple(int(s) for s in entry["shape"]), path)
+            tensors[key] = TensorInfo(_DTYPES.get(name), name, tuple(int(s) for s in entry["shape"]), path,
+                                      8 + header_len + int(begin), 8 + header_len + int(end))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path} is corrupt (bad tensor entry in header: {e})") from e
     if 8 + header_len + data_end > size:
@@ -167,7 +170,7 @@ class SafetensorsSource:
                 self._infos[key] = info
             for k, v in metadata.items():
                 self.metadata.setdefault(k, v)
-        self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
 
     # ---- header data -------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -193,31 +196,57 @@ class SafetensorsSource:
         return f"{self.files[0]} (+{len(self.files) - 1} more shards)"
 
     # ---- tensor data -------------------------------------------------------------------------
-    def _handle(self, file: Path):
-        handle = self._handles.get(file)
-        if handle is None:
-            from safetensors import safe_open
-
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
             try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as e:  # SafetensorError has no stable import path
-                raise UserError(f"{file} cannot be opened as safetensors: {e}") from e
-            self._handles[file] = handle
-        return handle
+                fd = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            except OSError as e:
+                raise UserError(f"cannot read {file}: {e.strerror or e}") from e
+            self._fds[file] = fd
+        return fd
+
+    def read(self, key: str, *, pin_memory: bool = False) -> torch.Tensor:
+        """Read one tensor in its stored dtype into a new CPU tensor that owns its memory.
+
+        The bytes are copied from the file with ``pread`` (no memory map), so the result never keeps a
+        view of the file alive; ``pin_memory=True`` reads straight into page-locked memory.
+        """
+        info = self._infos[key]
+        if info.dtype is None:
+            raise UserError(f"{info.file}: tensor {key!r} has dtype {info.dtype_name}, which torch cannot load")
+        tensor = torch.empty(info.shape, dtype=info.dtype, pin_memory=pin_memory)
+        nbytes = info.stop - info.start
+        if nbytes != tensor.numel() * tensor.element_size():
+            raise UserError(
+                f"{info.file} is corrupt: {key!r} has {nbytes} bytes of data, its dtype and shape need "
+                f"{tensor.numel() * tensor.element_size()}"
+            )
+        if nbytes == 0:
+            return tensor
+        if sys.byteorder == "big" and tensor.element_size() > 1:
+            raise UserError("reading safetensors files on a big-endian machine is not supported")
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        fd = self._fd(info.file)
+        done = 0
+        while done < nbytes:
+            try:
+                n = os.preadv(fd, [buffer[done:]], info.start + done)
+            except OSError as e:
+                raise UserError(f"cannot read {info.file}: {e.strerror or e}") from e
+            if n <= 0:
+                raise UserError(f"{info.file} is truncated: reading {key!r} ended early")
+            done += n
+        return tensor
 
     def get(
         self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
-        """Read one tensor; floating-point tensors are cast to ``dtype`` (others keep theirs)."""
-        info = self._infos[key]
-        if info.dtype is None:
-            raise UserError(f"{info.file}: tensor {key!r} has dtype {info.dtype_name}, which torch cannot load")
-        try:
-            tensor = self._handle(info.file).get_tensor(key)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"{info.file} is corrupt: reading {key!r} failed ({e})") from e
+        """Read one tensor; floating-point tensors are cast to ``dtype`` (others keep theirs).
+
+        The result owns its memory (see :meth:`read`).
+        """
+        tensor = self.read(key)
         target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         if tensor.dtype != target or torch.device(device) != tensor.device:
             tensor = tensor.to(device=device, dtype=target)
@@ -246,7 +275,9 @@ class SafetensorsSource:
         return out
 
     def close(self) -> None:
-        self._handles.clear()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
 
     def __enter__(self) -> SafetensorsSource:
         return self

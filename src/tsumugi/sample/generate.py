@@ -22,7 +22,7 @@ from tsumugi.arch.base import Architecture, ImageGeometry, PromptEmbeds
 from tsumugi.cli.generate_args import build_generate_parser, resolve_model_version
 from tsumugi.errors import UserError
 from tsumugi.memory.attention import apply_attention_mode
-from tsumugi.networks.lora_merge import merge_lora_files
+from tsumugi.networks.lora_merge import LoraMergeStep
 from tsumugi.sample.edit import (
     EDIT_VERSIONS,
     RcmSettings,
@@ -239,10 +239,13 @@ def _validate_edit(args: argparse.Namespace, version: str) -> None:
         raise UserError("--rcm_kernel_size and --rcm_dilate_size must be >= 0")
 
 
-def _dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+def _dtype(args: argparse.Namespace, device: torch.device, arch_name: str = "qwen_image") -> torch.dtype:
+    """``--dit_dtype``; else bf16 on CUDA, and on the CPU the dtype the DiT file stores (bf16 or fp32)."""
     if args.dit_dtype:
         return getattr(torch, args.dit_dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    from tsumugi.models.host_memory import default_dtype
+
+    return default_dtype(args.dit if not args.latent_path else None, "dit", arch_name, device, flag="--dit")
 
 
 def _free(*models: object) -> None:
@@ -266,7 +269,11 @@ def encode_all(
     unique = list(dict.fromkeys(keys))
     images = {job.control_key: job.vl_controls for job in jobs}
     te_device = torch.device("cpu") if args.text_encoder_cpu else device
-    te_dtype = torch.float32 if te_device.type == "cpu" and args.dit_dtype is None else dtype
+    te_dtype = dtype
+    if te_device.type == "cpu" and args.dit_dtype is None:
+        from tsumugi.models.host_memory import default_dtype
+
+        te_dtype = default_dtype(args.text_encoder, "text_encoder", arch.name, te_device, flag="--text_encoder")
     tokenizer = arch.load_tokenizer(args.tokenizer)
     text_encoder = arch.load_text_encoder(args.text_encoder, dtype=te_dtype, device=te_device)
     embeds = {}
@@ -332,8 +339,8 @@ def apply_generation_memory_options(dit: torch.nn.Module, arch_name: str, args: 
                                     device: torch.device):
     """fp8 weights, the attention backend, compiled blocks and block swap, in that order, from the generate
     flags; returns the block swapper or ``None``. With block swap ``dit`` must still be on the CPU."""
-    if args.fp8 or args.fp8_scaled:
-        from tsumugi.memory.fp8_dit import quantize_dit_fp8
+    if (args.fp8 or args.fp8_scaled) and not any(hasattr(m, "scale_weight") for m in dit.modules()):
+        from tsumugi.memory.fp8_dit import quantize_dit_fp8  # not quantized while loading
 
         quantize_dit_fp8(dit, arch_name, scaled=args.fp8_scaled)
     apply_attention_mode(dit, args.attn_mode)
@@ -354,11 +361,40 @@ def apply_generation_memory_options(dit: torch.nn.Module, arch_name: str, args: 
     return swapper
 
 
+def generation_stream_options(arch_name: str, args: argparse.Namespace, device: torch.device,
+                              dtype: torch.dtype) -> dict[str, object]:
+    """``load_dit`` options that merge ``--lora_weight`` and quantize (``--fp8``/``--fp8_scaled``) each
+    weight as it streams in, and load block swap's weights straight into host memory. On the CPU the
+    load is refused first when the DiT would not fit the available memory."""
+    from tsumugi.memory.fp8_dit import Fp8DitStep
+
+    fp8 = bool(args.fp8 or args.fp8_scaled)
+    if device.type != "cuda":
+        from tsumugi.models.host_memory import check_fits, estimate_bytes
+
+        needed = estimate_bytes(args.dit, "dit", arch_name, dtype, flag="--dit", fp8_blocks=fp8)
+        check_fits(needed, what=f"--dit {args.dit} as {str(dtype).removeprefix('torch.')}",
+                   hint="use a GPU, --fp8_scaled, or a smaller --dit_dtype")
+    steps: list = []
+    if args.lora_weight:
+        steps.append(LoraMergeStep(args.lora_weight, args.lora_multiplier, args.include_patterns,
+                                   args.exclude_patterns))
+    if fp8:
+        steps.append(Fp8DitStep(arch_name, scaled=args.fp8_scaled))
+    options: dict[str, object] = {"steps": steps}
+    if args.blocks_to_swap:
+        from tsumugi.memory.block_swap import swap_host_tensors
+
+        options.update(host_tensors=swap_host_tensors(args.blocks_to_swap, arch_name),
+                       pin_host=bool(args.use_pinned_memory_for_block_swap) and device.type == "cuda")
+    return options
+
+
 def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     """Run the whole pipeline for ``args``; returns the files written."""
     _validate(arch, args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _dtype(args, device)
+    dtype = _dtype(args, device, arch.name)
     if args.latent_path:
         return decode_latent_files(arch, args, device)
     version = resolve_model_version(args) if arch.name == "qwen_image" else "original"
@@ -366,13 +402,11 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     controls = _encode_all_controls(arch, args, jobs, device)
     embeds = encode_all(arch, args, jobs, device, dtype, version)
 
-    swap = bool(args.blocks_to_swap)
-    dit = arch.load_dit(args.dit, dtype=dtype, device="cpu" if swap else device, model_version=version)
+    dit = arch.load_dit(args.dit, dtype=dtype, device=device, model_version=version,
+                        **generation_stream_options(arch.name, args, device, dtype))
     dit.requires_grad_(False)
     if version in ("original", "edit", "edit-2509") and getattr(getattr(dit, "config", None), "zero_cond_t", False):
         logger.warning("the DiT carries the Edit-2511 marker (zero_cond_t) but --model_version is %s", version)
-    if args.lora_weight:
-        merge_lora_files(dit, args.lora_weight, args.lora_multiplier, args.include_patterns, args.exclude_patterns)
     apply_generation_memory_options(dit, arch.name, args, device)
     results = []
     for job, encoded in zip(jobs, controls):

@@ -116,23 +116,36 @@ def start_run(arch_name: str, args: argparse.Namespace) -> TrainingRun:
 def load_training_dit(run: TrainingRun, dtype: torch.dtype, *, trainable: bool):
     """The DiT with the memory options applied; returns ``(dit, swapper)``.
 
-    Frozen (LoRA training): LoRA files given as ``--base_weights`` are merged in and ``--fp8_base``
-    quantizes it. With block swap the DiT is loaded on the CPU and only the resident part moves to the
-    device.
+    The DiT streams in tensor by tensor: LoRA files given as ``--base_weights`` are merged into each
+    weight and ``--fp8_base`` quantizes it as it arrives; with block swap the swapped weights go straight
+    to their (pinned) host home and everything else to the device.
     """
     arch, args, device = run.arch, run.args, run.device
     swap = bool(args.blocks_to_swap)
-    dit = arch.load_dit(args.dit, dtype=dtype, device="cpu" if swap else device, model_version=run.model_version)
+    steps = []
+    if getattr(args, "base_weights", None):
+        from tsumugi.networks.lora_merge import LoraMergeStep
+
+        steps.append(LoraMergeStep(args.base_weights, args.base_weights_multiplier, flag="--base_weights",
+                                   multiplier_flag="--base_weights_multiplier"))
+    if getattr(args, "fp8_base", False):
+        from tsumugi.memory.fp8_dit import Fp8DitStep
+
+        steps.append(Fp8DitStep(arch.name, scaled=args.fp8_scaled))
+    stream = {}
+    if swap:
+        from tsumugi.memory.block_swap import swap_host_tensors
+
+        stream = {"host_tensors": swap_host_tensors(args.blocks_to_swap, arch.name),
+                  "pin_host": bool(args.use_pinned_memory_for_block_swap) and device.type == "cuda"}
+    dit = arch.load_dit(args.dit, dtype=dtype, device=device, model_version=run.model_version, steps=steps,
+                        **stream)
     dit.requires_grad_(trainable)
     dit.train(trainable)
-    if getattr(args, "base_weights", None):
-        from tsumugi.networks.lora_merge import merge_lora_files
-
-        merge_lora_files(dit, args.base_weights, args.base_weights_multiplier)
     if getattr(args, "fp8_base", False):
-        from tsumugi.memory.fp8_dit import quantize_dit_fp8
-
-        quantize_dit_fp8(dit, arch.name, scaled=args.fp8_scaled)
+        for module in dit.modules():  # fp8 layers stay frozen (LoRA training only)
+            if hasattr(module, "scale_weight"):
+                module.requires_grad_(False)
     if args.gradient_checkpointing and getattr(args, "gradient_checkpointing_cpu_offload", False):
         from tsumugi.memory.activation_offload import enable_checkpointing_with_cpu_offload
 

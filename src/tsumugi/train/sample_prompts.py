@@ -174,11 +174,8 @@ class TrainingSampler:
         args, arch, device = self.args, self.arch, self.device
         if not args.text_encoder:
             raise UserError("--sample_prompts needs --text_encoder to encode the sample prompts (they are not cached yet)")
-        encoder = arch.load_text_encoder(args.text_encoder, dtype=dtype, device=device)
-        if getattr(args, "fp8_vl", False) or getattr(args, "fp8_llm", False):
-            from tsumugi.memory.fp8_linear import quantize_linears_fp8
-
-            quantize_linears_fp8(encoder)
+        encoder = arch.load_text_encoder(args.text_encoder, dtype=dtype, device=device,
+                                         fp8=getattr(args, "fp8_vl", False) or getattr(args, "fp8_llm", False))
         tokenizer = arch.load_tokenizer(getattr(args, "tokenizer", None))
         images = {self._key(p, t): self.controls[p.index][1] for p in self.plans if p.index in self.controls
                   for t in (p.line.prompt, p.negative)}
