@@ -86,15 +86,6 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _group(key: str) -> str:
-    """The block a key belongs to: up to its first numeric part (``layers.3``), else its first part."""
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return parts[0]
-
-
 def _same_layout(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
 
@@ -165,8 +156,7 @@ def merge_to_file(
     :func:`tsumugi.networks.lora_merge.merge_lora_files`: each weight becomes ``W + m * delta`` computed in
     fp32 and cast back. Streamed: the DiT is never loaded whole; each block (``layers.3``...) is read,
     converted to the library layout, merged, converted to the ComfyUI layout and written before the next,
-    and the file is mapped only while that block's tensors live, so the memory used (resident file pages
-    included) is about one block plus the LoRA files. ``device`` computes the LoRA products.
+    so the memory used is about one block plus the LoRA files. ``device`` computes the LoRA products.
     """
     from tsumugi.models import configs
     from tsumugi.models.components import KINDS, init_kwargs
@@ -174,6 +164,7 @@ def merge_to_file(
     from tsumugi.models.detect import detect
     from tsumugi.models.loader import compact_block_indices
     from tsumugi.models.safetensors_io import FLOAT8_DTYPES, LazyTensor, SafetensorsSource, save_file_streamed
+    from tsumugi.models.stream import block_group
     from tsumugi.networks.lora_convert import detect_architecture, module_names
     from tsumugi.networks.lora_files import read_lora_file
 
@@ -259,7 +250,7 @@ def merge_to_file(
 
     groups: dict[str, list[str]] = {}
     for key in keymap:
-        groups.setdefault(_group(key), []).append(key)
+        groups.setdefault(block_group(key), []).append(key)
     outputs = {g: to_comfy(to_library({k: meta[k] for k in keys})) for g, keys in groups.items()}
     merged = {k: v for out in outputs.values() for k, v in out.items()}
     if sum(map(len, outputs.values())) != len(merged) or not _same_layout(merged, to_comfy(library)):
@@ -271,7 +262,6 @@ def merge_to_file(
     def produce(group: str, key: str, dtype: torch.dtype) -> torch.Tensor:
         if group not in pending:
             state = to_library({k: source.get(keymap[k], save_dtype) for k in groups[group]})
-            source.close()  # the file stays mapped only while this block's tensors live
             state = {new_name[k]: v for k, v in state.items()}
             with torch.no_grad():
                 plan.apply(state)
