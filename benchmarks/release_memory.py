@@ -14,7 +14,8 @@ swap as ``tsumugi.sample.generate`` applies them; modes ending in ``+step`` then
 Each row reports the load time (and the step time), the process's peak resident memory (VmHWM: the
 peak of all of it, mapped file pages included) and its peak anonymous memory (RssAnon, sampled every
 few milliseconds: what the process itself allocated; file pages mapped from the page cache can be
-dropped by the kernel under pressure, anonymous pages cannot), each also as a ratio to the file size.
+dropped by the kernel under pressure, anonymous pages cannot), each also as a ratio to the file size,
+and the resident memory at the end (``end RSS``: what stays once loading, and the step, are done).
 ``base`` is the same process after its imports (Python, torch, the library, the model classes), before
 loading, and
 ``over base`` is the anonymous peak minus that, over the file size. Targets are given for peak RSS
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         result = child_write(args) if args.child == "write" else child_load(args)
-        result["hwm"] = status_kib("VmHWM")
+        result["hwm"], result["rss"] = status_kib("VmHWM"), status_kib("VmRSS")
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({
             "mode": mode, "load s": f"{r['load s']:.1f}", "step s": f"{r['step s']:.1f}" if "step s" in r else "-",
             "peak RSS GiB": f"{hwm / GIB:.2f}", "RSS / file": f"{hwm / size:.3f}",
+            "end RSS / file": f"{r['rss'] * 1024 / size:.3f}",
             "peak anon GiB": f"{anon / GIB:.2f}", "anon / file": f"{anon / size:.3f}",
             "over base / file": f"{(anon - r['base'] * 1024) / size:.3f}" if "base" in r else "-",
             "target RSS / file": "-" if bound is None else f"<= {bound:.3f}",
