@@ -98,6 +98,7 @@ def child_load(args: argparse.Namespace) -> dict[str, Any]:
                              device, dtype)
         out["step s"] = sum(seconds)
     out["anon"] = sampler.stop()
+    out["rss"] = status_kib("VmRSS")  # the model still alive
     return out
 
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         result = child_write(args) if args.child == "write" else child_load(args)
-        result["hwm"], result["rss"] = status_kib("VmHWM"), status_kib("VmRSS")
+        result["hwm"] = status_kib("VmHWM")
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({
             "mode": mode, "load s": f"{r['load s']:.1f}", "step s": f"{r['step s']:.1f}" if "step s" in r else "-",
             "peak RSS GiB": f"{hwm / GIB:.2f}", "RSS / file": f"{hwm / size:.3f}",
-            "end RSS / file": f"{r['rss'] * 1024 / size:.3f}",
+            "end RSS / file": f"{r['rss'] * 1024 / size:.3f}" if "rss" in r else "-",
             "peak anon GiB": f"{anon / GIB:.2f}", "anon / file": f"{anon / size:.3f}",
             "over base / file": f"{(anon - r['base'] * 1024) / size:.3f}" if "base" in r else "-",
             "target RSS / file": "-" if bound is None else f"<= {bound:.3f}",
