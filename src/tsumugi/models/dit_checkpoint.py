@@ -28,6 +28,7 @@ from tsumugi.models.converters import converter
 from tsumugi.models.detect import EDIT_2511_MARKER
 from tsumugi.models.loader import load_info
 from tsumugi.models.safetensors_io import LazyTensor, save_file_streamed
+from tsumugi.models.stream import block_group
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +52,6 @@ def dit_config(model: torch.nn.Module, kind: str) -> dict[str, Any]:
     if config is not None:
         return clean_config(init_kwargs(kind, dict(config)))
     return dict(load_info(model).get("config", {}))
-
-
-def _group(key: str) -> str:
-    """The block a library key belongs to: up to its first numeric part (``layers.3``), else its first part."""
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return parts[0]
 
 
 def _meta(tensor: torch.Tensor) -> torch.Tensor:
@@ -92,7 +84,7 @@ def comfy_lazy_tensors(
     # Convert block group by block group; fall back to one group if that changes the result.
     groups: dict[str, list[str]] = {}
     for key in state:
-        groups.setdefault(_group(key), []).append(key)
+        groups.setdefault(block_group(key), []).append(key)
     per_group: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for name, keys in groups.items():

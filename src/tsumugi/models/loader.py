@@ -3,8 +3,10 @@
 Steps: :func:`~tsumugi.models.detect.detect` the path (keys only) -> refuse a wrong component or an
 fp8_scaled file -> convert the key set on meta tensors to the library layout -> resolve the config
 (``config.json`` of folders; otherwise released config + ``tsumugi.config`` metadata + shapes) -> build
-the module on the meta device and check keys and shapes -> read tensors one by one (cast to ``dtype``
-as read, placed on ``device``), convert, ``load_state_dict(strict=True, assign=True)``.
+the module on the meta device and check keys and shapes -> stream: each tensor is read (no memory
+map), converted, cast to ``dtype``, passed through the load steps (LoRA merge, fp8), placed on its final
+device and assigned before the next one is read (:mod:`tsumugi.models.stream`; ``docs/model_files.md``,
+"Memory while loading").
 
 What the loader learned is attached to the returned module as ``model._tsumugi_info`` (read it with
 :func:`load_info`): ``kind``, ``layout``, ``prefix``, ``path``, ``files``, ``edit_2511_marker`` (the
@@ -28,7 +30,16 @@ from tsumugi.models import configs
 from tsumugi.models.components import KINDS, init_kwargs, instantiate, kind_for
 from tsumugi.models.converters import converter
 from tsumugi.models.detect import Detection, detect
-from tsumugi.models.stream import HostTensors, LoadStep, Placement, assign, block_group, place, retype_meta
+from tsumugi.models.stream import (
+    HostTensors,
+    LoadStep,
+    Placement,
+    assign,
+    block_group,
+    host_allocations_returned,
+    place,
+    retype_meta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +195,8 @@ def _load(
     for step in steps:
         step.prepare(model)
     host = set(host_tensors(model)) if host_tensors is not None else set()
-    on_device, on_host = Placement(device), Placement(torch.device("cpu"), pinned=pin_host and bool(host))
+    pinned = pin_host and bool(host) and torch.cuda.is_available()  # page-locking needs a CUDA driver
+    on_device, on_host = Placement(device), Placement(torch.device("cpu"), pinned=pinned)
     assigned: set[str] = set()
 
     def emit(key: str, tensor: torch.Tensor) -> None:
@@ -204,9 +216,9 @@ def _load(
                 assign(model, "lm_head.weight", value)
                 assigned.add("lm_head.weight")
 
-    with torch.no_grad():
+    with torch.no_grad(), host_allocations_returned():
         for key, tensor in _stream(det, conv, needs_conversion, meta, converted, layout_keys, preread, host,
-                                   dtype, pin_host):
+                                   dtype, pinned):
             emit(key, tensor)
     del preread
 

@@ -9,7 +9,12 @@ assigns them into the module, before the next tensor is read. No full-size inter
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import sys
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -107,5 +112,44 @@ def retype_meta(model: nn.Module, keys: Collection[str], dtype: torch.dtype) -> 
             table[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
 
 
-__all__ = ["LoadStep", "HostTensors", "Placement", "block_group", "owns_storage", "place", "assign",
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_LOAD_MMAP_THRESHOLD = 1 << 20
+_AFTER_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def host_allocations_returned() -> Iterator[None]:
+    """While loading, host buffers of 1 MiB and more are separate mappings that go back to the system
+    when freed (glibc), and free heap memory is handed back at the end.
+
+    Without this, glibc's adaptive threshold serves the per-tensor temporaries (read buffers, fp32
+    quantization scratch) from its heap after the first large free; the heap then fragments between
+    the long-lived loaded tensors and the process keeps up to a whole model's worth of freed memory.
+    Afterwards the threshold is set to glibc's usual ceiling, so later allocations behave as they
+    would after any large free.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, _LOAD_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP_THRESHOLD)
+            libc.malloc_trim(0)
+
+
+__all__ = ["host_allocations_returned", "LoadStep", "HostTensors", "Placement", "block_group", "owns_storage", "place", "assign",
            "retype_meta"]

@@ -274,6 +274,12 @@ def encode_all(
         from tsumugi.models.host_memory import default_dtype
 
         te_dtype = default_dtype(args.text_encoder, "text_encoder", arch.name, te_device, flag="--text_encoder")
+    if te_device.type != "cuda":
+        from tsumugi.models.host_memory import check_fits, estimate_bytes
+
+        needed = estimate_bytes(args.text_encoder, "text_encoder", arch.name, te_dtype, flag="--text_encoder")
+        check_fits(needed, what=f"--text_encoder {args.text_encoder} as {str(te_dtype).removeprefix('torch.')}",
+                   hint="run the text encoder on a GPU (without --text_encoder_cpu)")
     tokenizer = arch.load_tokenizer(args.tokenizer)
     text_encoder = arch.load_text_encoder(args.text_encoder, dtype=te_dtype, device=te_device)
     embeds = {}
