@@ -359,6 +359,9 @@ def test_control_missing_for_a_target_trains_it_without(tmp_path, captioned, mak
     assert [p.name for p in a.control_paths] == ["a_0.png"] and b.control_paths == () and b.control_sizes == ()
     assert (f"datasets[0]: 1 of 2 item(s) have no control image in {ctrl} (<stem>.<ext> or <stem>_0.<ext>, ...) "
             f"and train as text-to-image items: {images / 'b.png'}") in data_warnings()
+    (ctrl / "a_0.png").rename(ctrl / "x_0.png")  # a control_directory that matches nothing is warned about too
+    _load(write_config(f'[[datasets]]\nimage_directory = "{images}"\ncontrol_directory = "{ctrl}"\n'), "qie")
+    assert f"datasets[0]: 2 of 2 item(s) have no control image in {ctrl}" in data_warnings()
 
 
 def test_non_numeric_control_suffix(tmp_path, captioned, make_image, write_config):

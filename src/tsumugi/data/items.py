@@ -20,8 +20,9 @@ Decisions where Musubi is silent or silent-failing (see also config.py):
 * JSONL layered items may differ in layer count (as in Musubi); batching keeps them apart;
 * Qwen-Image-Edit items without control images (a directory dataset without ``control_directory``, an
   image whose control is missing from it, a JSONL line without ``control_path``) train as text-to-image
-  items, as in Musubi (musubi-tuner#682): a warning counts them where a dataset mixes both kinds (Musubi
-  refuses an image without its control in a ``control_directory``; tsumugi trains it without one);
+  items, as in Musubi (musubi-tuner#682): a warning counts them where a dataset mixes both kinds or its
+  ``control_directory`` matches nothing (Musubi refuses an image without its control in a
+  ``control_directory``; tsumugi trains it without one);
 * Qwen-Image and Layered keep the first control only, Z-Image none;
 * ``original_size`` is the size after EXIF orientation (what the model is trained on).
 """
@@ -335,7 +336,8 @@ def _apply_control_count(dataset: DatasetConfig, drafts: list[_Draft], problems:
             draft.controls = draft.controls[:1]
     elif dataset.architecture == "qie" and drafts:
         missing = [str(d.image_path) for d in drafts if not d.controls]
-        if missing and len(missing) < len(drafts):
+        # a whole text-to-image dataset is intended, unless it names a control_directory
+        if missing and (len(missing) < len(drafts) or dataset.control_directory is not None):
             expected = (
                 f"in {dataset.control_directory} (<stem>.<ext> or <stem>_0.<ext>, ...)"
                 if dataset.control_directory is not None else "(no control_path in its JSONL line)"
