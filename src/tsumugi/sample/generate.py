@@ -205,6 +205,8 @@ def _resolve_mask_rcm(
 def _validate(arch: Architecture, args: argparse.Namespace) -> None:
     if not args.save_path:
         raise UserError("--save_path is required (the folder for the images)")
+    if args.latent_path and arch.name == "qwen_image" and resolve_model_version(args) == "layered":
+        raise UserError("--latent_path: decoding latent files of Qwen-Image-Layered is not supported yet")
     if args.latent_path:
         if not args.vae:
             raise UserError("--vae is required to decode --latent_path files")
@@ -221,7 +223,9 @@ def _validate(arch: Architecture, args: argparse.Namespace) -> None:
     if arch.name == "qwen_image":
         version = resolve_model_version(args)
         if version == "layered":
-            raise UserError("--model_version layered: Qwen-Image-Layered generation is not supported yet")
+            from tsumugi.sample.layered import validate_layered
+
+            return validate_layered(args)
         _validate_edit(args, version)
 
 
@@ -411,6 +415,10 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
         check_generation(arch.name, args, [], device)
         return decode_latent_files(arch, args, device)
     version = resolve_model_version(args) if arch.name == "qwen_image" else "original"
+    if version == "layered":
+        from tsumugi.sample.layered import generate_layered
+
+        return generate_layered(args, device, dtype)
     jobs = build_jobs(arch, args, version)
     check_generation(arch.name, args, jobs, device)
     controls = _encode_all_controls(arch, args, jobs, device)

@@ -1,0 +1,180 @@
+"""``qwen_image_generate_image --model_version layered``: decompose one RGBA image into N layers.
+
+One job per prompt (``--prompt`` or each ``--from_file`` line). The input image is ``--control_image_path``
+(or the line's ``--ci``; exactly one), alpha kept (an opaque one added to RGB images). Sizing follows the
+Edit rules of :mod:`tsumugi.sample.edit`: without a resize flag the input enters at the multiple-of-16
+bucket of its own area and the output takes that size; ``--resize_control_to_image_size`` resizes/crops
+the input to the output size (``--image_size`` or the line's ``--w --h``). ``--output_layers`` (or the
+line's ``--f``) sets N. Written: N + 1 RGBA PNGs per job, ``..._layer0`` the composite, then the layers.
+The denoising is the shared sampler on :class:`~tsumugi.arch.qwen_image_layered.QwenImageLayeredArchitecture`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tsumugi.arch.qwen_image import pack_latents
+from tsumugi.arch.qwen_image_layered import QwenImageLayeredArchitecture, layered_geometry
+from tsumugi.data.buckets import bucket_for_area, resize_to_bucket
+from tsumugi.data.images import load_image
+from tsumugi.errors import UserError
+from tsumugi.preflight.paths import require_file
+from tsumugi.sample.edit import resize_mode
+from tsumugi.sample.generate import (
+    GenerationJob,
+    apply_generation_memory_options,
+    encode_all,
+    generation_stream_options,
+)
+from tsumugi.sample.png_output import output_stem, save_png, to_pil
+from tsumugi.sample.prompt_lines import PromptLine, read_prompt_file
+from tsumugi.sample.sampler import denoise
+
+logger = logging.getLogger(__name__)
+
+_NOT_FOR_LAYERED = (
+    ("--mask_path", "mask_path"), ("--rcm_threshold", "rcm_threshold"),
+    ("--resize_control_to_official_size", "resize_control_to_official_size"),
+)
+
+
+@dataclass
+class LayeredJob:
+    job: GenerationJob
+    image: Image.Image
+    """The RGBA input, sized for the VAE."""
+    layers: int
+
+
+def validate_layered(args: argparse.Namespace) -> None:
+    """Flags that have no meaning for Layered, or are not built yet, refused by name before any work."""
+    given = [flag for flag, dest in _NOT_FOR_LAYERED if getattr(args, dest, None) not in (None, False)]
+    if given:
+        raise UserError(f"{', '.join(given)}: not available with --model_version layered (Edit options)")
+    if args.automatic_prompt_lang_for_layered is not None:
+        raise UserError("--automatic_prompt_lang_for_layered: captioning the input image is not supported yet; "
+                        "give the prompt with --prompt or --from_file")
+    if args.output_type != "images":
+        raise UserError(f"--output_type {args.output_type}: Qwen-Image-Layered writes PNG images only "
+                        "(latent files of layered output are not supported yet)")
+    if args.output_layers < 1:
+        raise UserError(f"--output_layers must be at least 1, found {args.output_layers}")
+
+
+def rgba_pixels(image: Image.Image) -> torch.Tensor:
+    """RGBA PIL image -> (1, 4, H, W) float32 in [-1, 1]."""
+    array = np.asarray(image.convert("RGBA"), dtype=np.float32)
+    return (torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0).unsqueeze(0)
+
+
+def _lines(args: argparse.Namespace) -> list[PromptLine]:
+    if args.from_file:
+        return read_prompt_file(args.from_file, fallback_prompt=bool(args.prompt))
+    return [PromptLine(args.prompt or "", source="--prompt")]
+
+
+def build_layered_jobs(arch: QwenImageLayeredArchitecture, args: argparse.Namespace) -> list[LayeredJob]:
+    from tsumugi.sample.generate import _check_size, _random_seed
+
+    mode = resize_mode(args)
+    jobs = []
+    for line in _lines(args):
+        if line.given_edit_options:
+            raise UserError(f"{line.source}: {', '.join(line.given_edit_options)}: not available with "
+                            "--model_version layered (Edit options)")
+        paths = list(line.control_images) or list(args.control_image_path or [])
+        if len(paths) != 1:
+            raise UserError(f"{line.source}: --model_version layered needs exactly one input image "
+                            f"(--control_image_path or --ci in the prompt line), found {len(paths)}")
+        require_file(paths[0], f"{line.source}: input image", "image file")
+        original = load_image(paths[0], alpha="add")
+        native = bucket_for_area(original.size, original.size)
+        default_h, default_w = args.image_size if args.image_size is not None else (native[1], native[0])
+        job = GenerationJob(
+            prompt=line.prompt or (args.prompt or ""),
+            negative_prompt=line.negative_prompt if line.negative_prompt is not None else (
+                args.negative_prompt if args.negative_prompt is not None else arch.default_negative_prompt),
+            width=line.width or default_w, height=line.height or default_h,
+            seed=line.seed if line.seed is not None else (args.seed if args.seed is not None else _random_seed()),
+            steps=line.steps or args.infer_steps,
+            guidance_scale=line.guidance_scale if line.guidance_scale is not None else args.guidance_scale,
+            flow_shift=line.flow_shift if line.flow_shift is not None else args.flow_shift,
+            source=line.source, control_paths=paths,
+        )
+        _check_size(job)
+        layers = line.frame_count if line.frame_count is not None else args.output_layers
+        if layers < 1:
+            raise UserError(f"{line.source}: --f (output layers) must be at least 1, found {layers}")
+        size = (job.width, job.height) if mode == "image_size" else native
+        jobs.append(LayeredJob(job, resize_to_bucket(original, size), layers))
+    return jobs
+
+
+def _encode_inputs(arch: QwenImageLayeredArchitecture, args: argparse.Namespace, jobs: list[LayeredJob],
+                   device: torch.device) -> list[torch.Tensor]:
+    """Packed clean latents of every job's input image; sets each job's geometry inputs."""
+    from tsumugi.sample.generate import _free
+
+    vae = arch.load_vae(args.vae, device="cpu" if args.vae_cpu else device)
+    tokens = []
+    for item in jobs:
+        with torch.no_grad():
+            z = arch.encode_images_for_cache(vae, rgba_pixels(item.image))
+        item.job.control_latent_sizes = (int(z.shape[-2]), int(z.shape[-1]))
+        tokens.append(pack_latents(z.float()).cpu())
+    _free(vae)
+    return tokens
+
+
+def generate_layered(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Path]:
+    """The whole Layered run for ``args`` (already validated); returns the PNGs written."""
+    from tsumugi.preflight.runs import check_generation
+    from tsumugi.sample.generate import _free, _name_suffix, _parameters
+
+    arch = QwenImageLayeredArchitecture()
+    validate_layered(args)
+    jobs = build_layered_jobs(arch, args)
+    check_generation(arch.name, args, [item.job for item in jobs], device)
+    inputs = _encode_inputs(arch, args, jobs, device)
+    embeds = encode_all(arch, args, [item.job for item in jobs], device, dtype, "layered")
+
+    dit = arch.load_dit(args.dit, dtype=dtype, device=device, **generation_stream_options(arch.name, args, device, dtype))
+    dit.requires_grad_(False)
+    apply_generation_memory_options(dit, arch.name, args, device)
+    results = []
+    for item, tokens in zip(jobs, inputs):
+        job = item.job
+        geometry = layered_geometry(job.height, job.width, item.layers, job.control_latent_sizes)
+        generator = torch.Generator("cpu").manual_seed(job.seed)
+        noise = arch.initial_noise(geometry, generator, dtype)
+        negative = embeds.get((job.negative_prompt, None)) if arch.uses_guidance(job.guidance_scale) else None
+        start = time.perf_counter()
+        latents = denoise(arch, dit, noise, embeds[(job.prompt, None)], negative, geometry, job.settings,
+                          conditions=tokens, device=device)
+        elapsed = time.perf_counter() - start
+        logger.info("%s: %d steps in %.2f s (%.3f s/step)", job.source, job.steps, elapsed, elapsed / job.steps)
+        results.append((item, geometry, latents.cpu()))
+    _free(dit)
+
+    written = []
+    vae = arch.load_vae(args.vae, device="cpu" if args.vae_cpu else device)
+    for item, geometry, latents in results:
+        with torch.no_grad():
+            frames = arch.decode(vae, latents, geometry)
+        stem = output_stem(item.job.seed, _name_suffix(args, item.job))
+        parameters = {**_parameters(arch, args, item.job), "output_layers": item.layers}
+        for index, frame in enumerate(frames):
+            path = save_png(to_pil(frame), args.save_path, f"{stem}_layer{index}",
+                            {**parameters, "layer": index, "layer_kind": "composite" if index == 0 else "layer"})
+            logger.info("saved %s", path)
+            written.append(path)
+    return written
+
