@@ -48,26 +48,49 @@ def layered_shift_mu(input_latent_size: tuple[int, int]) -> float:
     return math.sqrt((h // 2) * (w // 2) / 256)
 
 
-def check_layered_dit(dit: torch.nn.Module, path: str, layered: bool) -> None:
-    """The Layered DiT carries the extra time embedding; other Qwen-Image DiTs do not."""
-    has = bool(getattr(getattr(dit, "config", None), "use_additional_t_cond", False))
-    if layered and not has:
-        raise UserError(f"--dit {path}: not a Qwen-Image-Layered DiT (no time_text_embed.addition_t_embedding); "
-                        "--model_version layered needs qwen_image_layered_bf16.safetensors or the Layered transformer")
-    if has and not layered:
-        raise UserError(f"--dit {path}: this is a Qwen-Image-Layered DiT (it has time_text_embed.addition_t_embedding); "
-                        "give --model_version layered, or the DiT of the chosen model version")
+ADDITION_T_KEY = "time_text_embed.addition_t_embedding.weight"
+"""The Layered DiT's extra time embedding: only Layered has it."""
 
 
-def check_layered_vae(vae: torch.nn.Module, path: str, layered: bool) -> None:
-    """Layered needs its RGBA VAE (4 channels); the other versions the RGB Qwen-Image VAE (3)."""
-    channels = int(getattr(vae.config, "input_channels", 3))
+def _check_dit(has_addition_t: bool, path: str, layered: bool) -> None:
+    if layered and not has_addition_t:
+        raise UserError(f"--dit {path}: not a Qwen-Image-Layered DiT (no {ADDITION_T_KEY}); --model_version layered "
+                        "needs qwen_image_layered_bf16.safetensors or the Layered transformer folder")
+    if has_addition_t and not layered:
+        raise UserError(f"--dit {path}: this is a Qwen-Image-Layered DiT (it has {ADDITION_T_KEY}); give "
+                        "--model_version layered, or the DiT of the chosen model version")
+
+
+def _check_vae(channels: int, path: str, layered: bool) -> None:
     if layered and channels != RGBA_CHANNELS:
         raise UserError(f"--vae {path}: a {channels}-channel (RGB) Qwen-Image VAE; --model_version layered needs the "
                         "RGBA VAE of Qwen-Image-Layered (qwen_image_layered_vae.safetensors, 4 channels)")
     if not layered and channels != 3:
         raise UserError(f"--vae {path}: the {channels}-channel (RGBA) Qwen-Image-Layered VAE; this model version "
                         "needs the RGB Qwen-Image VAE (qwen_image_vae.safetensors), or give --model_version layered")
+
+
+def check_layered_dit(dit: torch.nn.Module, path: str, layered: bool) -> None:
+    """The Layered DiT carries the extra time embedding; other Qwen-Image DiTs do not."""
+    _check_dit(bool(getattr(getattr(dit, "config", None), "use_additional_t_cond", False)), path, layered)
+
+
+def check_layered_vae(vae: torch.nn.Module, path: str, layered: bool) -> None:
+    """Layered needs its RGBA VAE (4 channels); the other versions the RGB Qwen-Image VAE (3)."""
+    _check_vae(int(getattr(vae.config, "input_channels", 3)), path, layered)
+
+
+def check_version_files(dit: str | None, vae: str | None, layered: bool) -> None:
+    """The same checks from the file headers (no tensor data read), before any work starts."""
+    from tsumugi.preflight.models import check_model
+
+    if dit:
+        _check_dit(ADDITION_T_KEY in check_model(dit, "qwen_image", "dit", "--dit"), dit, layered)
+    if vae:
+        infos = check_model(vae, "qwen_image", "vae", "--vae")
+        # The encoder's first convolution: diffusers ``conv_in``, ComfyUI/Wan ``conv1``.
+        conv_in = infos.get("encoder.conv_in.weight") or infos.get("encoder.conv1.weight")
+        _check_vae(conv_in.shape[1] if conv_in is not None and len(conv_in.shape) > 1 else 3, vae, layered)
 
 
 class QwenImageLayeredArchitecture(QwenImageArchitecture):

@@ -421,6 +421,11 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
         return generate_layered(args, device, dtype)
     jobs = build_jobs(arch, args, version)
     check_generation(arch.name, args, jobs, device)
+    if arch.name == "qwen_image":
+        from tsumugi.arch.qwen_image_layered import check_version_files
+
+        check_version_files(args.dit, args.vae if args.output_type != "latent" or jobs[0].control_paths else None,
+                            layered=False)
     controls = _encode_all_controls(arch, args, jobs, device)
     embeds = encode_all(arch, args, jobs, device, dtype, version)
 

@@ -22,7 +22,11 @@ import torch
 from PIL import Image
 
 from tsumugi.arch.qwen_image import pack_latents
-from tsumugi.arch.qwen_image_layered import QwenImageLayeredArchitecture, layered_geometry
+from tsumugi.arch.qwen_image_layered import (
+    QwenImageLayeredArchitecture,
+    check_version_files,
+    layered_geometry,
+)
 from tsumugi.data.buckets import bucket_for_area, resize_to_bucket
 from tsumugi.data.images import load_image
 from tsumugi.errors import UserError
@@ -143,6 +147,7 @@ def generate_layered(args: argparse.Namespace, device: torch.device, dtype: torc
     validate_layered(args)
     jobs = build_layered_jobs(arch, args)
     check_generation(arch.name, args, [item.job for item in jobs], device)
+    check_version_files(args.dit, args.vae, layered=True)
     inputs = _encode_inputs(arch, args, jobs, device)
     embeds = encode_all(arch, args, [item.job for item in jobs], device, dtype, "layered")
 
