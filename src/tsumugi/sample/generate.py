@@ -226,6 +226,10 @@ def _validate(arch: Architecture, args: argparse.Namespace) -> None:
             from tsumugi.sample.layered import validate_layered
 
             return validate_layered(args)
+        layered_only = [flag for flag, on in (("--output_layers", args.output_layers != 4), (
+            "--automatic_prompt_lang_for_layered", args.automatic_prompt_lang_for_layered is not None)) if on]
+        if layered_only:
+            raise UserError(f"{', '.join(layered_only)}: only for --model_version layered (got {version})")
         _validate_edit(args, version)
 
 
