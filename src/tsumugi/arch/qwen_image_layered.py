@@ -30,7 +30,7 @@ from tsumugi.errors import UserError
 # The scheduler_config.json of the Qwen-Image-Layered release (differs from Qwen-Image's in the shift).
 QWEN_IMAGE_LAYERED_SCHEDULER_CONFIG: dict[str, Any] = {
     **QWEN_IMAGE_SCHEDULER_CONFIG,
-    "shift_terminal": None,
+    "shift_terminal": False,
     "time_shift_type": "linear",
 }
 
