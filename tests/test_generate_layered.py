@@ -149,7 +149,6 @@ def test_wrong_vae_or_dit_is_refused(tiny_sets, input_image, tmp_path, capsys):
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--automatic_prompt_lang_for_layered", "en"], "--automatic_prompt_lang_for_layered"),
-    (["--output_type", "latent"], "--output_type latent"),
     (["--output_layers", "0"], "--output_layers must be at least 1"),
     (["--mask_path", "m.png"], "--mask_path"),
     (["--resize_control_to_official_size"], "--resize_control_to_official_size"),
@@ -159,10 +158,22 @@ def test_layered_refusals(extra, message, tiny_sets, input_image, tmp_path, caps
     assert message in _error(_argv(tiny_sets("qwen_image_layered"), tmp_path, input_image, *extra), capsys)
 
 
-def test_layered_latent_path_refused(tiny_sets, tmp_path, capsys):
-    argv = [*_models(tiny_sets("qwen_image_layered")), "--model_version", "layered", "--latent_path", "x",
-            "--save_path", str(tmp_path)]
-    assert "--latent_path" in _error(argv, capsys)
+def test_latent_files_roundtrip(plain, tiny_sets, input_image, tmp_path):
+    from safetensors import safe_open
+
+    files = tiny_sets("qwen_image_layered")
+    written = _run(files, tmp_path / "both", input_image, "--output_type", "both")
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(written), _pixels(plain)))
+    (latent,) = (tmp_path / "both").glob("*.safetensors")
+    with safe_open(str(latent), framework="pt") as f:
+        assert tuple(f.get_tensor("latent").shape) == (1, LAYERS + 1, 16, 8, 8)  # Musubi's layout
+        assert f.metadata()["output_layers"] == str(LAYERS) and f.metadata()["prompt"] == PROMPT
+    argv = [*_models(files), "--model_version", "layered", "--latent_path", str(latent),
+            "--save_path", str(tmp_path / "decoded"), "--device", "cpu"]
+    assert qwen_main(argv) == 0
+    decoded = sorted((tmp_path / "decoded").glob("*.png"))
+    assert [p.stem.rsplit("_", 1)[-1] for p in decoded] == [f"layer{i}" for i in range(LAYERS + 1)]
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(decoded), _pixels(plain)))
 
 
 def test_from_file_lines_set_layers_input_and_size(tiny_sets, input_image, tmp_path):

@@ -205,8 +205,6 @@ def _resolve_mask_rcm(
 def _validate(arch: Architecture, args: argparse.Namespace) -> None:
     if not args.save_path:
         raise UserError("--save_path is required (the folder for the images)")
-    if args.latent_path and arch.name == "qwen_image" and resolve_model_version(args) == "layered":
-        raise UserError("--latent_path: decoding latent files of Qwen-Image-Layered is not supported yet")
     if args.latent_path:
         if not args.vae:
             raise UserError("--vae is required to decode --latent_path files")
@@ -417,6 +415,10 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     dtype = _dtype(args, device, arch.name)
     if args.latent_path:
         check_generation(arch.name, args, [], device)
+        if arch.name == "qwen_image" and resolve_model_version(args) == "layered":
+            from tsumugi.sample.layered import decode_layered_latent_files
+
+            return decode_layered_latent_files(args, device)
         return decode_latent_files(arch, args, device)
     version = resolve_model_version(args) if arch.name == "qwen_image" else "original"
     if version == "layered":

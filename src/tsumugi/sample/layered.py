@@ -5,7 +5,8 @@ One job per prompt (``--prompt`` or each ``--from_file`` line). The input image 
 Edit rules of :mod:`tsumugi.sample.edit`: without a resize flag the input enters at the multiple-of-16
 bucket of its own area and the output takes that size; ``--resize_control_to_image_size`` resizes/crops
 the input to the output size (``--image_size`` or the line's ``--w --h``). ``--output_layers`` (or the
-line's ``--f``) sets N. Written: N + 1 RGBA PNGs per job, ``..._layer0`` the composite, then the layers.
+line's ``--f``) sets N. Written: N + 1 RGBA PNGs per job, ``..._layer0`` the composite, then the layers;
+latent files hold ``(1, N + 1, 16, h, w)`` (Musubi's layout) and decode with ``--latent_path``.
 The denoising is the shared sampler on :class:`~tsumugi.arch.qwen_image_layered.QwenImageLayeredArchitecture`.
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tsumugi.arch.base import ImageGeometry
 from tsumugi.arch.qwen_image import pack_latents
 from tsumugi.arch.qwen_image_layered import (
     QwenImageLayeredArchitecture,
@@ -38,7 +40,7 @@ from tsumugi.sample.generate import (
     encode_all,
     generation_stream_options,
 )
-from tsumugi.sample.png_output import output_stem, save_png, to_pil
+from tsumugi.sample.png_output import output_stem, save_latent, save_png, to_pil
 from tsumugi.sample.prompt_lines import PromptLine, read_prompt_file
 from tsumugi.sample.sampler import denoise
 
@@ -66,9 +68,6 @@ def validate_layered(args: argparse.Namespace) -> None:
     if args.automatic_prompt_lang_for_layered is not None:
         raise UserError("--automatic_prompt_lang_for_layered: captioning the input image is not supported yet; "
                         "give the prompt with --prompt or --from_file")
-    if args.output_type != "images":
-        raise UserError(f"--output_type {args.output_type}: Qwen-Image-Layered writes PNG images only "
-                        "(latent files of layered output are not supported yet)")
     if args.output_layers < 1:
         raise UserError(f"--output_layers must be at least 1, found {args.output_layers}")
 
@@ -141,7 +140,7 @@ def _encode_inputs(arch: QwenImageLayeredArchitecture, args: argparse.Namespace,
 def generate_layered(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Path]:
     """The whole Layered run for ``args`` (already validated); returns the PNGs written."""
     from tsumugi.preflight.runs import check_generation
-    from tsumugi.sample.generate import _free, _name_suffix, _parameters
+    from tsumugi.sample.generate import _free, _latent_metadata, _name_suffix, _parameters
 
     arch = QwenImageLayeredArchitecture()
     validate_layered(args)
@@ -170,16 +169,62 @@ def generate_layered(args: argparse.Namespace, device: torch.device, dtype: torc
     _free(dit)
 
     written = []
+    if args.output_type in ("latent", "latent_images", "both"):
+        for item, geometry, latents in results:
+            meta = None if args.no_metadata else {**_latent_metadata(item.job), "output_layers": str(item.layers)}
+            stem = output_stem(item.job.seed, _name_suffix(args, item.job))
+            # (1, N + 1, 16, h, w): Musubi's layout of layered latents.
+            frames = arch.frames_latents(latents, geometry).permute(2, 0, 1, 3, 4)
+            written.append(save_latent(frames, args.save_path, stem, meta))
+    if args.output_type == "latent":
+        return written
     vae = arch.load_vae(args.vae, device="cpu" if args.vae_cpu else device)
     for item, geometry, latents in results:
-        with torch.no_grad():
-            frames = arch.decode(vae, latents, geometry)
         stem = output_stem(item.job.seed, _name_suffix(args, item.job))
         parameters = {**_parameters(arch, args, item.job), "output_layers": item.layers}
-        for index, frame in enumerate(frames):
-            path = save_png(to_pil(frame), args.save_path, f"{stem}_layer{index}",
-                            {**parameters, "layer": index, "layer_kind": "composite" if index == 0 else "layer"})
-            logger.info("saved %s", path)
-            written.append(path)
+        written += _save_frames(arch, vae, latents, geometry, stem, parameters, args.save_path)
+    return written
+
+
+def _save_frames(arch: QwenImageLayeredArchitecture, vae: torch.nn.Module, latents: torch.Tensor,
+                 geometry: ImageGeometry, stem: str, parameters: dict, save_path: str) -> list[Path]:
+    """Decode the composite and the layers; ``stem_layer0.png`` (the composite) ... ``stem_layerN.png``."""
+    with torch.no_grad():
+        frames = arch.decode(vae, latents, geometry)
+    written = []
+    for index, frame in enumerate(frames):
+        path = save_png(to_pil(frame), save_path, f"{stem}_layer{index}",
+                        {**parameters, "layer": index, "layer_kind": "composite" if index == 0 else "layer"})
+        logger.info("saved %s", path)
+        written.append(path)
+    return written
+
+
+def decode_layered_latent_files(args: argparse.Namespace, device: torch.device) -> list[Path]:
+    """``--latent_path`` with ``--model_version layered``: decode (1, N + 1, 16, h, w) latent files (ours or
+    Musubi's) to the composite and layer PNGs."""
+    from safetensors import safe_open
+
+    arch = QwenImageLayeredArchitecture()
+    check_version_files(None, args.vae, layered=True)
+    vae = arch.load_vae(args.vae, device="cpu" if args.vae_cpu else device)
+    written = []
+    for file in args.latent_path:
+        try:
+            with safe_open(file, framework="pt") as f:
+                tensor = f.get_tensor("latent")
+                meta = f.metadata() or {}
+        except Exception as exc:
+            raise UserError(f"--latent_path: {file} is not a latent file with a 'latent' tensor ({exc})") from None
+        if tensor.dim() != 5 or tensor.shape[0] != 1 or tensor.shape[2] != arch.latent_channels:
+            raise UserError(f"--latent_path: {file}: expected a (1, layers + 1, 16, h, w) Qwen-Image-Layered latent, "
+                            f"found shape {tuple(tensor.shape)}")
+        frames, (h, w) = tensor.shape[1], tensor.shape[-2:]
+        geometry = layered_geometry(h * 8, w * 8, frames - 1, (h, w))
+        packed = pack_latents(tensor[0].float().unsqueeze(2)).reshape(1, -1, 4 * arch.latent_channels)
+        seed = int(meta.get("seeds", 0)) if meta.get("seeds", "0").isdigit() else 0
+        params = {"decoded_from": Path(file).name, **meta}
+        written += _save_frames(arch, vae, packed, geometry, output_stem(seed, "_" + Path(file).stem), params,
+                                args.save_path)
     return written
 
