@@ -148,7 +148,6 @@ def test_wrong_vae_or_dit_is_refused(tiny_sets, input_image, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--automatic_prompt_lang_for_layered", "en"], "--automatic_prompt_lang_for_layered"),
     (["--output_layers", "0"], "--output_layers must be at least 1"),
     (["--mask_path", "m.png"], "--mask_path"),
     (["--resize_control_to_official_size"], "--resize_control_to_official_size"),
@@ -190,3 +189,33 @@ def test_from_file_lines_set_layers_input_and_size(tiny_sets, input_image, tmp_p
     assert len(first) == 2 and len(second) == 5  # --f 1; default --output_layers 4; + the composite
     assert {Image.open(p).size for p in first} == {(64, 64)} and {Image.open(p).size for p in second} == {(32, 48)}
     assert json.loads(Image.open(second[0]).text["tsumugi_parameters"])["control_paths"] == ["odd.png"]
+
+
+def test_automatic_prompt_captions_the_input(tiny_sets, input_image, tmp_path, monkeypatch):
+    """No prompt + ``--automatic_prompt_lang_for_layered``: the prompt is the text encoder's greedy caption of
+    the input image under the chosen language's instruction; a given prompt is kept. (Captions are cut to 16
+    tokens here: the tiny model never stops on its own and 512 tokens take minutes on a CPU.)"""
+    from tsumugi.sample import layered
+    from tsumugi.sample.layered import CAPTION_INSTRUCTION_CN
+    from tsumugi.text import captioning
+
+    monkeypatch.setattr(layered, "CAPTION_MAX_NEW_TOKENS", 16)
+    from tsumugi.text.tokenizers import load_tokenizer
+
+    files = tiny_sets("qwen_image_layered")
+    model = captioning.load_captioner(str(files["text_encoder"]), device="cpu", dtype=torch.float32)
+    tokenizer = load_tokenizer("qwen_image")
+    image = Image.open(input_image).convert("RGB")
+    expected = {lang: captioning.decode_caption(tokenizer, captioning.caption_token_ids(
+        model, tokenizer, image, instruction, max_new_tokens=16))
+        for lang, instruction in (("en", captioning.DEFAULT_PROMPT), ("cn", CAPTION_INSTRUCTION_CN))}
+    assert expected["en"] and expected["en"] != expected["cn"]
+    for lang in ("en", "cn"):
+        argv = [*_models(files), "--model_version", "layered", "--control_image_path", str(input_image),
+                "--automatic_prompt_lang_for_layered", lang, "--output_layers", "1", "--infer_steps", "1",
+                "--seed", "1", "--device", "cpu", "--save_path", str(tmp_path / lang)]
+        assert qwen_main(argv) == 0
+        (first, *_) = sorted((tmp_path / lang).glob("*.png"))
+        assert json.loads(Image.open(first).text["tsumugi_parameters"])["prompt"] == expected[lang]
+    kept = _run(files, tmp_path / "kept", input_image, "--automatic_prompt_lang_for_layered", "en")
+    assert json.loads(Image.open(kept[0]).text["tsumugi_parameters"])["prompt"] == PROMPT

@@ -145,7 +145,8 @@ def add_layered_flags(parser: argparse.ArgumentParser) -> None:
     layered.add_argument("--output_layers", type=int, default=4,
                          help="layers to decompose the input image into; the composite is written too (N + 1 PNGs)")
     layered.add_argument("--automatic_prompt_lang_for_layered", default=None, choices=["en", "cn"],
-                         help="caption the input image when no prompt is given: not supported yet; refused")
+                         help="layered: a job without prompt text gets a caption of its input image, written by "
+                         "the text encoder's language model with an English or Chinese instruction")
 
 
 def resolve_model_version(args: argparse.Namespace) -> str:

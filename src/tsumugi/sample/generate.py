@@ -209,7 +209,7 @@ def _validate(arch: Architecture, args: argparse.Namespace) -> None:
         if not args.vae:
             raise UserError("--vae is required to decode --latent_path files")
         return
-    if not args.prompt and not args.from_file:
+    if not args.prompt and not args.from_file and not getattr(args, "automatic_prompt_lang_for_layered", None):
         raise UserError("give --prompt, --from_file or --latent_path")
     if args.image_size is not None and any(v <= 0 or v % 16 for v in args.image_size):
         near = " ".join(str(max(16, (v + 8) // 16 * 16)) for v in args.image_size)

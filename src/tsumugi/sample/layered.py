@@ -52,6 +52,18 @@ _NOT_FOR_LAYERED = (
 )
 
 
+CAPTION_MAX_NEW_TOKENS = 512
+"""Tokens the automatic caption may have (the official pipeline's limit)."""
+CAPTION_INSTRUCTION_CN = (
+    "# 图像描述\n"
+    "请用自然、连贯的中文句子描述输入图像，不要使用列表、标题或格式标记。\n"
+    "写出主体及其属性（数量、颜色、形状、大小、材质、位置、状态）、主体之间的关系，以及环境与光线。\n"
+    "图中清晰可见的文字请加引号原样写出，不要翻译或解释。\n"
+    "只描述图中可见的内容，不要猜测或概括。"
+)
+"""The Chinese instruction of ``--automatic_prompt_lang_for_layered cn`` (``en`` uses the captioning default)."""
+
+
 @dataclass
 class LayeredJob:
     job: GenerationJob
@@ -65,9 +77,6 @@ def validate_layered(args: argparse.Namespace) -> None:
     given = [flag for flag, dest in _NOT_FOR_LAYERED if getattr(args, dest, None) not in (None, False)]
     if given:
         raise UserError(f"{', '.join(given)}: not available with --model_version layered (Edit options)")
-    if args.automatic_prompt_lang_for_layered is not None:
-        raise UserError("--automatic_prompt_lang_for_layered: captioning the input image is not supported yet; "
-                        "give the prompt with --prompt or --from_file")
     if args.output_layers < 1:
         raise UserError(f"--output_layers must be at least 1, found {args.output_layers}")
 
@@ -80,7 +89,8 @@ def rgba_pixels(image: Image.Image) -> torch.Tensor:
 
 def _lines(args: argparse.Namespace) -> list[PromptLine]:
     if args.from_file:
-        return read_prompt_file(args.from_file, fallback_prompt=bool(args.prompt))
+        fallback = bool(args.prompt) or args.automatic_prompt_lang_for_layered is not None
+        return read_prompt_file(args.from_file, fallback_prompt=fallback)
     return [PromptLine(args.prompt or "", source="--prompt")]
 
 
@@ -121,6 +131,31 @@ def build_layered_jobs(arch: QwenImageLayeredArchitecture, args: argparse.Namesp
     return jobs
 
 
+def caption_empty_prompts(args: argparse.Namespace, jobs: list[LayeredJob], device: torch.device,
+                          dtype: torch.dtype) -> None:
+    """``--automatic_prompt_lang_for_layered``: jobs without prompt text get a caption of their input image,
+    written by the text encoder's own language model (greedy) with an English or Chinese instruction."""
+    todo = [item for item in jobs if not item.job.prompt.strip()]
+    if args.automatic_prompt_lang_for_layered is None or not todo:
+        if args.automatic_prompt_lang_for_layered is not None:
+            logger.info("--automatic_prompt_lang_for_layered: every job has a prompt; no caption made")
+        return
+    from tsumugi.sample.generate import _free
+    from tsumugi.text import captioning
+    from tsumugi.text.tokenizers import load_tokenizer
+
+    te_device = torch.device("cpu") if args.text_encoder_cpu else device
+    model = captioning.load_captioner(args.text_encoder, device=te_device, dtype=dtype, flag="--text_encoder")
+    tokenizer = load_tokenizer("qwen_image", args.tokenizer)
+    instruction = captioning.DEFAULT_PROMPT if args.automatic_prompt_lang_for_layered == "en" else CAPTION_INSTRUCTION_CN
+    for item in todo:
+        ids = captioning.caption_token_ids(model, tokenizer, item.image.convert("RGB"), instruction,
+                                           max_new_tokens=CAPTION_MAX_NEW_TOKENS)
+        item.job.prompt = captioning.decode_caption(tokenizer, ids)
+        logger.info("%s: automatic prompt: %s", item.job.source, item.job.prompt)
+    _free(model)
+
+
 def _encode_inputs(arch: QwenImageLayeredArchitecture, args: argparse.Namespace, jobs: list[LayeredJob],
                    device: torch.device) -> list[torch.Tensor]:
     """Packed clean latents of every job's input image; sets each job's geometry inputs."""
@@ -148,6 +183,7 @@ def generate_layered(args: argparse.Namespace, device: torch.device, dtype: torc
     check_generation(arch.name, args, [item.job for item in jobs], device)
     check_version_files(args.dit, args.vae, layered=True)
     inputs = _encode_inputs(arch, args, jobs, device)
+    caption_empty_prompts(args, jobs, device, dtype)
     embeds = encode_all(arch, args, [item.job for item in jobs], device, dtype, "layered")
 
     dit = arch.load_dit(args.dit, dtype=dtype, device=device, **generation_stream_options(arch.name, args, device, dtype))
