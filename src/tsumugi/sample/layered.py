@@ -175,15 +175,13 @@ def _encode_inputs(arch: QwenImageLayeredArchitecture, args: argparse.Namespace,
 def generate_layered(args: argparse.Namespace, device: torch.device) -> list[Path]:
     """The whole Layered run for ``args`` (already validated); returns the PNGs written."""
     from tsumugi.preflight.runs import check_generation
-    from tsumugi.sample.generate import _free, _latent_metadata, _name_suffix, _parameters
+    from tsumugi.sample.generate import _dtype, _free, _latent_metadata, _name_suffix, _parameters
 
     arch = QwenImageLayeredArchitecture()
     validate_layered(args)
     jobs = build_layered_jobs(arch, args)
     check_generation(arch.name, args, [item.job for item in jobs], device)
     check_version_files(args.dit, args.vae, layered=True)
-    from tsumugi.sample.generate import _dtype
-
     dtype = _dtype(args, device, arch.name)  # reads the DiT header: only after the file is checked
     inputs = _encode_inputs(arch, args, jobs, device)
     caption_empty_prompts(args, jobs, device, dtype)
