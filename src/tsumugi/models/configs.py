@@ -80,7 +80,7 @@ QWEN2_5_VL_7B: dict[str, Any] = {
         "max_position_embeddings": 128000,
         "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0,
-        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
         "tie_word_embeddings": False,
         "bos_token_id": 151643,
         "eos_token_id": 151645,
@@ -122,7 +122,7 @@ ZIMAGE_DIT: dict[str, Any] = {
     "rope_theta": 256.0,
     "t_scale": 1000.0,
     "axes_dims": [32, 48, 48],
-    "axes_lens": [1024, 512, 512],
+    "axes_lens": [1536, 512, 512],
 }
 
 FLUX_VAE: dict[str, Any] = {
@@ -141,6 +141,9 @@ FLUX_VAE: dict[str, Any] = {
     "use_quant_conv": False,
     "use_post_quant_conv": False,
     "mid_block_add_attention": True,
+    "force_upcast": True,
+    "latents_mean": None,
+    "latents_std": None,
 }
 
 QWEN3_4B: dict[str, Any] = {
