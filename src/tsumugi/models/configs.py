@@ -440,6 +440,41 @@ def resolve_config(kind: str, shapes: Shapes, explicit: Mapping[str, Any] | None
     return cfg
 
 
+def _attention_gaps(heads: int, head_dim: int, width: int, rope: list[int], heads_proven: bool,
+                    names: tuple[str, str]) -> list[str]:
+    """What a DiT config leaves unproven: ``names`` = (head-count key, RoPE-split key)."""
+    if not heads_proven:
+        return [f"the attention head count {names[0]} (no q/k norm weights give the head size, and the width "
+                f"{width} is not the released model's)"]
+    if sum(rope) != head_dim:
+        return [f"the RoPE split {names[1]} (the built-in {rope} sums to {sum(rope)}, the head size is {head_dim})"]
+    return []
+
+
+def unproven_dit_values(kind: str, cfg: Mapping[str, Any], shapes: Shapes,
+                        explicit: Mapping[str, Any] | None = None) -> list[str]:
+    """DiT config values that neither the tensor shapes nor the stored config (``explicit``) determine,
+    and that the released values do not fit (a model with another head count or RoPE split): building
+    it would fail at the first forward. Empty for the released models and for any file whose stored
+    config says it all."""
+    explicit = explicit or {}
+    if kind == "zimage_dit":
+        heads_proven = (_first(shapes, "layers.", ".attention.norm_q.weight") is not None or "n_heads" in explicit
+                        or cfg["dim"] == RELEASED[kind]["dim"])
+        return _attention_gaps(cfg["n_heads"], cfg["dim"] // max(cfg["n_heads"], 1), cfg["dim"],
+                               list(cfg["axes_dims"]), heads_proven, ("n_heads", "axes_dims"))
+    if kind == "qwen_image_dit":
+        width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        if (img_in := shapes.get("img_in.weight")) is not None:
+            width = img_in[0]
+        heads_proven = (_first(shapes, "transformer_blocks.", ".attn.norm_q.weight") is not None
+                        or "num_attention_heads" in explicit
+                        or width == cfg["num_attention_heads"] * cfg["attention_head_dim"])
+        return _attention_gaps(cfg["num_attention_heads"], cfg["attention_head_dim"], width,
+                               list(cfg["axes_dims_rope"]), heads_proven, ("num_attention_heads", "axes_dims_rope"))
+    return []
+
+
 def _prefer_rope_parameters(cfg: dict[str, Any]) -> None:
     """transformers 5 writes ``rope_parameters``; drop our older-style RoPE keys when both are present."""
     for sub in [cfg, *(v for k, v in cfg.items() if k.endswith("_config") and isinstance(v, dict))]:
