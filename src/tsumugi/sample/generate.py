@@ -406,13 +406,13 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     _validate(arch, args)
     check_generate_flags(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _dtype(args, device, arch.name)
     if args.latent_path:
         check_generation(arch.name, args, [], device)
         return decode_latent_files(arch, args, device)
     version = resolve_model_version(args) if arch.name == "qwen_image" else "original"
     jobs = build_jobs(arch, args, version)
     check_generation(arch.name, args, jobs, device)
+    dtype = _dtype(args, device, arch.name)  # reads the DiT header: only after the file is checked
     controls = _encode_all_controls(arch, args, jobs, device)
     embeds = encode_all(arch, args, jobs, device, dtype, version)
 
