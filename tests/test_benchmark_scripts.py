@@ -89,7 +89,7 @@ def test_release_memory_runs_and_reuses_its_file(tmp_path: Path) -> None:
     for row in rows:
         assert 0 < float(row["peak anon GiB"]) <= float(row["peak RSS GiB"]), row
         assert float(row["RSS / file"]) > 1  # at small size the interpreter and torch dwarf the file
-    assert rows[1]["step s"] == "-" and float(rows[2]["step s"]) > 0
+    assert rows[1]["step s"] == "-" and float(rows[2]["step s"]) >= 0  # 0.0: a 64 px step of the small DiT
     assert rows[1]["target RSS / file"] == "<= 1.050" and rows[2]["target RSS / file"] == "<= 0.600"
     assert (tmp_path / "zimage_small" / "dit.safetensors").is_file()
 

@@ -44,7 +44,8 @@ def mixed(tiny_sets, tmp_path_factory):
     toml = root / "dataset.toml"
     plain_block = plain.read_text(encoding="utf-8").split("[[datasets]]", 1)[1]
     toml.write_text(pairs.read_text(encoding="utf-8") + "\n[[datasets]]" + plain_block, encoding="utf-8")
-    common = ["--dataset_config", str(toml), "--device", "cpu", "--model_version", VERSION]
+    # float32 caches: the tests below compare them with diffusers exactly (the default is bf16, as Musubi)
+    common = ["--dataset_config", str(toml), "--device", "cpu", "--model_version", VERSION, "--cache_dtype", "float32"]
     messages: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: messages.append(record.getMessage())

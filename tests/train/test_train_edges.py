@@ -286,7 +286,7 @@ def test_log_lines_are_not_glued_to_the_progress_bar(three_items, tmp_path, caps
     finally:
         logging.getLogger().removeHandler(handler)
     segments = capsys.readouterr().err.replace("\r", "\n").split("\n")
-    saved = [s for s in segments if "saved" in s]
+    saved = [s for s in segments if "tsumugi.train.checkpoint_hooks: saved" in s or "saved /" in s]
     assert len(saved) == 3 and all(s.startswith("INFO tsumugi") for s in saved), saved
 
 
