@@ -1,7 +1,9 @@
-"""The generate scripts' shared body: prompts -> embeddings -> latents -> PNGs.
+"""Running generation jobs: prompts -> embeddings -> latents -> PNGs.
 
-Models are loaded one at a time (text encoder, then DiT, then VAE) and freed in between, so peak
-memory is that of the largest component.
+:func:`generate` is the generate scripts' run: models are loaded one at a time (text encoder, then DiT,
+then VAE) and freed in between, so peak memory is that of the largest component. Sampling during
+training renders its jobs with the same pieces (:func:`encode_job_prompts`, :func:`encode_job_controls`,
+:func:`render_job`, :func:`save_job_png`), so a prompt line gives the same image in both places.
 """
 
 from __future__ import annotations
@@ -9,17 +11,13 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import random
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-import tsumugi
-from tsumugi.arch import get_architecture
 from tsumugi.arch.base import Architecture, ImageGeometry, PromptEmbeds
-from tsumugi.cli.generate_args import build_generate_parser, resolve_model_version
+from tsumugi.cli.generate_args import resolve_model_version
 from tsumugi.errors import UserError
 from tsumugi.memory.attention import apply_attention_mode
 from tsumugi.networks.lora_merge import LoraMergeStep
@@ -28,178 +26,49 @@ from tsumugi.sample.edit import (
     EDIT_VERSIONS,
     RcmSettings,
     ReferenceBlend,
-    check_same_grid,
-    control_images,
     encode_controls,
-    load_control_image,
     load_mask,
-    log_version_limits,
-    native_output_size,
     resize_mode,
 )
+from tsumugi.sample.jobs import GenerationJob, JobDefaults, build_jobs, job_parameters
 from tsumugi.sample.png_output import output_stem, save_latent, save_png, to_pil
 from tsumugi.sample.prompt_lines import PromptLine, read_prompt_file
-from tsumugi.sample.sampler import SamplingSettings, denoise, sigma_schedule
+from tsumugi.sample.sampler import denoise, sigma_schedule
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class GenerationJob:
-    """One image to make, every setting resolved."""
-
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    seed: int
-    steps: int
-    guidance_scale: float
-    flow_shift: float | None
-    source: str
-    control_paths: list[str] = field(default_factory=list)
-    vae_controls: list = field(default_factory=list, repr=False)
-    """Control images sized for the VAE/DiT (PIL), in order."""
-    vl_controls: list = field(default_factory=list, repr=False)
-    """Control images sized for the VL text encoder (PIL)."""
-    control_latent_sizes: tuple[tuple[int, int], ...] = ()
-    mask_path: str | None = None
-    """Inpainting mask of this job (``--m`` of its line, else ``--mask_path``)."""
-    rcm_threshold: float | None = None
-    """RCM threshold of this job (``--rcm_th`` of its line, else ``--rcm_threshold``); None: no RCM."""
-    rcm_relative: bool = False
-    rcm_kernel_size: int = 0
-    rcm_dilate_size: int = 0
-    mask_flag: str = "--mask_path"
-    """Where the mask came from, for error messages (``--m`` or ``--mask_path``)."""
-    rcm_flag: str = "--rcm_threshold"
-
-    @property
-    def geometry(self) -> ImageGeometry:
-        return ImageGeometry(height=self.height, width=self.width, control_latent_sizes=self.control_latent_sizes)
-
-    @property
-    def control_key(self) -> tuple | None:
-        """What the prompt embedding depends on besides the text (None: text-only)."""
-        if not self.vl_controls:
-            return None
-        return tuple((p, im.size) for p, im in zip(self.control_paths, self.vl_controls))
-
-    @property
-    def settings(self) -> SamplingSettings:
-        return SamplingSettings(self.steps, self.guidance_scale, self.flow_shift)
-
-
-def _random_seed() -> int:
-    return random.SystemRandom().randint(0, 2**32 - 1)
-
-
-def _check_size(job: GenerationJob) -> None:
-    for name, value in (("height", job.height), ("width", job.width)):
-        if value <= 0 or value % 16:
-            raise UserError(f"{job.source}: image {name} {value} must be a positive multiple of 16")
-    if job.steps < 1:
-        raise UserError(f"{job.source}: infer steps must be at least 1, found {job.steps}")
-
-
-def build_jobs(arch: Architecture, args: argparse.Namespace, version: str = "original") -> list[GenerationJob]:
-    """One job per prompt (``--prompt`` or each line of ``--from_file``), per-line options winning.
-
-    Edit versions: each job's controls (``--ci`` of its line, else ``--control_image_path``) are loaded and
-    sized here; without ``--image_size`` / ``--w --h`` the output takes the first control's VAE size.
-    """
+def prompt_lines(args: argparse.Namespace) -> list[PromptLine]:
+    """``--from_file``'s prompts, else the one ``--prompt``."""
     if args.from_file and args.prompt:
         logger.info("--from_file given: --prompt is used only for lines without prompt text")
-    lines = read_prompt_file(args.from_file, fallback_prompt=bool(args.prompt)) if args.from_file else [PromptLine(args.prompt or "", source="--prompt")]
-    edit = version in EDIT_VERSIONS
-    mode = resize_mode(args) if edit else "native"
-    jobs = []
-    for line in lines:
-        paths = list(line.control_images) or list(getattr(args, "control_image_path", None) or [])
-        if paths and not edit:
-            raise UserError(
-                f"{line.source}: control images need an edit model: give --model_version edit, edit-2509 or "
-                "edit-2511 (or --edit / --edit_plus)"
-            )
-        if edit and not paths:
-            raise UserError(f"{line.source}: --model_version {version} needs a control image "
-                            "(--control_image_path or --ci in the prompt line)")
-        originals = [load_control_image(p, line.source) for p in paths]
-        default_size = args.image_size
-        if default_size is None:
-            default_size = [256, 256]
-            if originals:
-                w, h = native_output_size(originals[0], mode)
-                default_size = [h, w]
-        job = GenerationJob(
-            prompt=line.prompt or (args.prompt or ""),
-            negative_prompt=line.negative_prompt if line.negative_prompt is not None else (
-                args.negative_prompt if args.negative_prompt is not None else arch.default_negative_prompt
-            ),
-            width=line.width or default_size[1],
-            height=line.height or default_size[0],
-            seed=line.seed if line.seed is not None else (args.seed if args.seed is not None else _random_seed()),
-            steps=line.steps or args.infer_steps,
-            guidance_scale=line.guidance_scale if line.guidance_scale is not None else args.guidance_scale,
-            flow_shift=line.flow_shift if line.flow_shift is not None else args.flow_shift,
-            source=line.source,
-            control_paths=paths,
-        )
-        _resolve_mask_rcm(job, line, args, arch, edit)
-        _check_size(job)
-        for image in originals:
-            vae_image, vl_image = control_images(image, mode, (job.width, job.height))
-            job.vae_controls.append(vae_image)
-            job.vl_controls.append(vl_image)
-        if edit:
-            log_version_limits(version, len(paths), line.source)
-            if version == "edit":
-                job.vl_controls = job.vl_controls[:1]
-            if job.mask_path:
-                check_same_grid(job.vae_controls[0].size, job.width, job.height, job.mask_flag, job.source)
-            if job.rcm_threshold is not None:
-                check_same_grid(job.vae_controls[0].size, job.width, job.height, job.rcm_flag, job.source)
-        jobs.append(job)
+    if args.from_file:
+        return read_prompt_file(args.from_file, fallback_prompt=bool(args.prompt))
+    return [PromptLine(args.prompt or "", source="--prompt")]
+
+
+def job_defaults(args: argparse.Namespace, edit: bool) -> JobDefaults:
+    """What the generate flags give every prompt line."""
+    return JobDefaults(
+        prompt=args.prompt or "", negative_prompt=args.negative_prompt,
+        image_size=tuple(args.image_size) if args.image_size is not None else None,
+        seed=args.seed, steps=args.infer_steps, guidance_scale=args.guidance_scale, flow_shift=args.flow_shift,
+        control_paths=tuple(getattr(args, "control_image_path", None) or ()),
+        resize_mode=resize_mode(args) if edit else "native",
+        mask_path=getattr(args, "mask_path", None), rcm_threshold=getattr(args, "rcm_threshold", None),
+        rcm_relative=bool(getattr(args, "rcm_relative_threshold", False)),
+        rcm_kernel_size=getattr(args, "rcm_kernel_size", 0), rcm_dilate_size=getattr(args, "rcm_dilate_size", 0),
+    )
+
+
+def generation_jobs(arch: Architecture, args: argparse.Namespace, version: str = "original") -> list[GenerationJob]:
+    """One job per prompt (``--prompt`` or each prompt of ``--from_file``), per-line options winning."""
+    jobs = build_jobs(arch, prompt_lines(args), job_defaults(args, version in EDIT_VERSIONS), version)
     if args.from_file and not any(job.rcm_threshold is not None for job in jobs):
         if getattr(args, "rcm_relative_threshold", False) or getattr(args, "rcm_debug_save", False):
             raise UserError("--rcm_relative_threshold / --rcm_debug_save need --rcm_threshold "
                             "(on the command line or --rcm_th in a prompt line)")
     return jobs
-
-
-def _resolve_mask_rcm(
-    job: GenerationJob, line: PromptLine, args: argparse.Namespace, arch: Architecture, edit: bool
-) -> None:
-    """The job's mask/RCM settings: the line's ``--m`` / ``--rcm_*`` win over the command-line flags."""
-    given = line.given_edit_options
-    if given and arch.name != "qwen_image":
-        raise UserError(f"{line.source}: {', '.join(given)}: mask/RCM prompt-line options are for Qwen-Image Edit "
-                        f"only; {arch.display_name} does not take them")
-    if given and not edit:
-        raise UserError(f"{line.source}: {', '.join(given)}: only for edit models "
-                        "(--model_version edit, edit-2509, edit-2511)")
-    if arch.name != "qwen_image":
-        return
-    job.mask_path = line.mask_path or args.mask_path
-    job.mask_flag = "--m" if line.mask_path else "--mask_path"
-    job.rcm_threshold = line.rcm_threshold if line.rcm_threshold is not None else args.rcm_threshold
-    job.rcm_flag = "--rcm_th" if line.rcm_threshold is not None else "--rcm_threshold"
-    job.rcm_relative = (line.rcm_relative_threshold if line.rcm_relative_threshold is not None
-                        else args.rcm_relative_threshold)
-    job.rcm_kernel_size = line.rcm_kernel_size if line.rcm_kernel_size is not None else args.rcm_kernel_size
-    job.rcm_dilate_size = line.rcm_dilate_size if line.rcm_dilate_size is not None else args.rcm_dilate_size
-    if job.mask_path and job.rcm_threshold is not None:
-        raise UserError(f"{line.source}: {job.mask_flag} and {job.rcm_flag} exclude each other: give one for this "
-                        "line (prompt-line options override the command line only for the same setting)")
-    rcm_line_options = [o for o in given if o in ("--rcm_rel_th", "--rcm_ks", "--rcm_ds")]
-    if rcm_line_options and job.rcm_threshold is None:
-        raise UserError(f"{line.source}: {', '.join(rcm_line_options)} need an RCM threshold "
-                        "(--rcm_th in the line or --rcm_threshold)")
-    for name, value in (("--rcm_ks", line.rcm_kernel_size), ("--rcm_ds", line.rcm_dilate_size)):
-        if value is not None and value < 0:
-            raise UserError(f"{line.source}: {name} must be >= 0, found {value}")
-    if line.mask_path and not Path(line.mask_path).is_file():
-        raise UserError(f"{line.source}: --m: mask {line.mask_path} does not exist")
 
 
 def _validate(arch: Architecture, args: argparse.Namespace) -> None:
@@ -260,19 +129,40 @@ def _free(*models: object) -> None:
         torch.cuda.empty_cache()
 
 
+def prompt_keys(arch: Architecture, jobs: list[GenerationJob]) -> list[tuple]:
+    """The distinct (text, control key) pairs the jobs need: each prompt, and its negative where CFG runs."""
+    keys = []
+    for job in jobs:
+        keys.append((job.prompt, job.control_key))
+        if arch.uses_guidance(job.guidance_scale):
+            keys.append((job.negative_prompt, job.control_key))
+    return list(dict.fromkeys(keys))
+
+
+def encode_job_prompts(arch: Architecture, text_encoder, tokenizer, jobs: list[GenerationJob], device: torch.device,
+                       version: str = "original", keys: list[tuple] | None = None) -> dict[tuple, PromptEmbeds]:
+    """Embeddings of ``keys`` (default :func:`prompt_keys`), one prompt at a time (no padding enters them);
+    edit prompts are encoded with their VL-sized control images."""
+    images = {job.control_key: job.vl_controls for job in jobs}
+    embeds = {}
+    with torch.no_grad():
+        for text, control_key in prompt_keys(arch, jobs) if keys is None else keys:
+            if control_key is None:
+                embeds[(text, None)] = arch.encode_prompts(text_encoder, tokenizer, [text], device)[0]
+            else:
+                (tensor,) = arch.encode_prompts_with_images(
+                    text_encoder, tokenizer, [text], [images[control_key]], version, device
+                )
+                embeds[(text, control_key)] = PromptEmbeds(tensor)
+    return embeds
+
+
 def encode_all(
     arch: Architecture, args: argparse.Namespace, jobs: list[GenerationJob], device: torch.device, dtype: torch.dtype,
     version: str = "original",
 ) -> dict[tuple, PromptEmbeds]:
     """Embeddings of every distinct (prompt, controls) pair (and negative prompt where CFG runs), the encoder
     loaded once. Edit prompts are encoded with their VL-sized control images, the negative prompt too."""
-    keys = []
-    for job in jobs:
-        keys.append((job.prompt, job.control_key))
-        if arch.uses_guidance(job.guidance_scale):
-            keys.append((job.negative_prompt, job.control_key))
-    unique = list(dict.fromkeys(keys))
-    images = {job.control_key: job.vl_controls for job in jobs}
     te_device = torch.device("cpu") if args.text_encoder_cpu else device
     te_dtype = dtype
     if te_device.type == "cpu" and args.dit_dtype is None:
@@ -287,40 +177,14 @@ def encode_all(
                    hint="run the text encoder on a GPU (without --text_encoder_cpu)")
     tokenizer = arch.load_tokenizer(args.tokenizer)
     text_encoder = arch.load_text_encoder(args.text_encoder, dtype=te_dtype, device=te_device)
-    embeds = {}
-    for text, control_key in unique:  # one at a time: no padding enters the embeddings
-        with torch.no_grad():
-            if control_key is None:
-                embeds[(text, None)] = arch.encode_prompts(text_encoder, tokenizer, [text], te_device)[0]
-            else:
-                (tensor,) = arch.encode_prompts_with_images(
-                    text_encoder, tokenizer, [text], [images[control_key]], version, te_device
-                )
-                embeds[(text, control_key)] = PromptEmbeds(tensor)
+    embeds = encode_job_prompts(arch, text_encoder, tokenizer, jobs, te_device, version)
     _free(text_encoder)
     return embeds
 
 
 def _parameters(arch: Architecture, args: argparse.Namespace, job: GenerationJob) -> dict[str, object]:
-    data = {f.name: getattr(job, f.name) for f in fields(job)}
-    for key in ("source", "vae_controls", "vl_controls", "control_latent_sizes", "mask_flag", "rcm_flag",
-                "mask_path", "rcm_threshold", "rcm_relative", "rcm_kernel_size", "rcm_dilate_size"):
-        data.pop(key)
-    if job.mask_path:
-        data["mask_path"] = Path(job.mask_path).name
-    if job.rcm_threshold is not None:
-        data.update(rcm_threshold=job.rcm_threshold, rcm_relative=job.rcm_relative,
-                    rcm_kernel_size=job.rcm_kernel_size, rcm_dilate_size=job.rcm_dilate_size)
-    if not job.control_paths:
-        data.pop("control_paths")
-    else:
-        data["control_paths"] = [Path(p).name for p in job.control_paths]
-    data["flow_shift"] = "dynamic" if job.flow_shift is None and arch.default_flow_shift is None else (
-        job.flow_shift if job.flow_shift is not None else arch.default_flow_shift
-    )
+    data = job_parameters(arch, job)
     data.update(
-        model=arch.display_name,
-        sampler="flow-match Euler",
         dit=Path(args.dit).name if args.dit else None,
         vae=Path(args.vae).name if args.vae else None,
         text_encoder=Path(args.text_encoder).name if args.text_encoder else None,
@@ -329,7 +193,6 @@ def _parameters(arch: Architecture, args: argparse.Namespace, job: GenerationJob
             for i, p in enumerate(args.lora_weight or [])
         ],
         fp8="scaled" if args.fp8_scaled else ("plain" if args.fp8 else "no"),
-        software=f"tsumugi {tsumugi.__version__}",
     )
     return data
 
@@ -411,7 +274,7 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
         check_generation(arch.name, args, [], device)
         return decode_latent_files(arch, args, device)
     version = resolve_model_version(args) if arch.name == "qwen_image" else "original"
-    jobs = build_jobs(arch, args, version)
+    jobs = generation_jobs(arch, args, version)
     check_generation(arch.name, args, jobs, device)
     controls = _encode_all_controls(arch, args, jobs, device)
     embeds = encode_all(arch, args, jobs, device, dtype, version)
@@ -424,16 +287,11 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     apply_generation_memory_options(dit, arch.name, args, device)
     results = []
     for job, encoded in zip(jobs, controls):
-        generator = torch.Generator("cpu").manual_seed(job.seed)
-        noise = arch.initial_noise(job.geometry, generator, dtype if arch.name == "qwen_image" else torch.float32)
         negative = embeds.get((job.negative_prompt, job.control_key)) if arch.uses_guidance(job.guidance_scale) else None
-        blend = _reference_blend(arch, args, job, encoded, noise)
+        debug_dir = Path(args.save_path) if getattr(args, "rcm_debug_save", False) else None
         start = time.perf_counter()
-        latents = denoise(arch, dit, noise, embeds[(job.prompt, job.control_key)], negative, job.geometry,
-                          job.settings, step_callback=blend, conditions=None if encoded is None else encoded.tokens,
-                          device=device)
-        if blend is not None:
-            latents = blend.finish(latents)
+        latents = render_job(arch, dit, job, embeds[(job.prompt, job.control_key)], negative, encoded, device, dtype,
+                             rcm_debug_dir=debug_dir)
         elapsed = time.perf_counter() - start
         logger.info("%s: %d steps in %.2f s (%.3f s/step)", job.source, job.steps, elapsed, elapsed / job.steps)
         results.append((job, latents.cpu()))
@@ -449,10 +307,8 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     if args.output_type != "latent":
         vae = arch.load_vae(args.vae, device="cpu" if args.vae_cpu else device)
         for job, latents in results:
-            with torch.no_grad():
-                image = arch.decode(vae, latents, job.geometry)[0]
             stem = output_stem(job.seed, _name_suffix(args, job))
-            path = save_png(to_pil(image), save_dir, stem, _parameters(arch, args, job))
+            path = save_job_png(arch, vae, job, latents, save_dir, stem, _parameters(arch, args, job))
             logger.info("saved %s", path)
             written.append(path)
     return written
@@ -473,19 +329,48 @@ def _encode_all_controls(arch: Architecture, args: argparse.Namespace, jobs: lis
     if not args.vae:
         raise UserError("--vae is required to encode the control images")
     vae = arch.load_vae(args.vae, device="cpu" if args.vae_cpu else device)
-    out = []
-    for job in jobs:
-        if not job.vae_controls:
-            out.append(None)
-            continue
-        encoded = encode_controls(arch, vae, job.vae_controls)
-        job.control_latent_sizes = encoded.latent_sizes
-        out.append(encoded)
+    out = [encode_job_controls(arch, vae, job) for job in jobs]
     _free(vae)
     return out
 
 
-def _reference_blend(arch: Architecture, args: argparse.Namespace, job: GenerationJob, encoded, noise: torch.Tensor):
+def encode_job_controls(arch: Architecture, vae, job: GenerationJob):
+    """The VAE latents of ``job``'s controls (None without controls); sets ``job.control_latent_sizes``."""
+    if not job.vae_controls:
+        return None
+    encoded = encode_controls(arch, vae, job.vae_controls)
+    job.control_latent_sizes = encoded.latent_sizes
+    return encoded
+
+
+def render_job(arch: Architecture, dit: torch.nn.Module, job: GenerationJob, positive: PromptEmbeds,
+               negative: PromptEmbeds | None, encoded, device: torch.device, dtype: torch.dtype, *,
+               progress: bool = True, rcm_debug_dir: Path | None = None) -> torch.Tensor:
+    """The final latents of one job (fp32, on the CPU): its seed's noise drawn as the diffusers pipeline
+    draws it in the DiT's compute ``dtype``, the mask/RCM blend, the sampler. Generation and training
+    samples both call this, so the same job gives the same image."""
+    generator = torch.Generator("cpu").manual_seed(job.seed)
+    noise = arch.initial_noise(job.geometry, generator, dtype)
+    blend = _reference_blend(arch, job, encoded, noise, rcm_debug_dir)
+    with torch.no_grad():
+        latents = denoise(arch, dit, noise, positive, negative, job.geometry, job.settings, progress=progress,
+                          step_callback=blend, conditions=None if encoded is None else encoded.tokens, device=device)
+    if blend is not None:
+        latents = blend.finish(latents)
+    return latents.cpu()
+
+
+def save_job_png(arch: Architecture, vae, job: GenerationJob, latents: torch.Tensor, directory: Path | str,
+                 stem: str, parameters: dict[str, object]) -> Path:
+    """Decode ``latents`` with ``vae`` (on its device) and write the PNG with ``parameters``."""
+    device = next(vae.parameters()).device
+    with torch.no_grad():
+        image = arch.decode(vae, latents.to(device), job.geometry)[0]
+    return save_png(to_pil(image), directory, stem, parameters)
+
+
+def _reference_blend(arch: Architecture, job: GenerationJob, encoded, noise: torch.Tensor,
+                     debug_dir: Path | None = None):
     """The mask / RCM step callback of one job, or None."""
     if encoded is None or (not job.mask_path and job.rcm_threshold is None):
         return None
@@ -495,8 +380,7 @@ def _reference_blend(arch: Architecture, args: argparse.Namespace, job: Generati
         return ReferenceBlend(arch, encoded.first_tokens, noise, job.geometry, timesteps, sigmas, mask=mask)
     rcm = RcmSettings(
         threshold=job.rcm_threshold, relative=job.rcm_relative, kernel_size=job.rcm_kernel_size,
-        dilate_size=job.rcm_dilate_size, debug_dir=Path(args.save_path) if args.rcm_debug_save else None,
-        debug_name=Path(job.control_paths[0]).stem,
+        dilate_size=job.rcm_dilate_size, debug_dir=debug_dir, debug_name=Path(job.control_paths[0]).stem,
     )
     return ReferenceBlend(arch, encoded.first_tokens, noise, job.geometry, timesteps, sigmas, rcm=rcm)
 
@@ -526,10 +410,3 @@ def decode_latent_files(arch: Architecture, args: argparse.Namespace, device: to
         seed = int(meta.get("seeds", 0)) if meta.get("seeds", "0").isdigit() else 0
         written.append(save_png(to_pil(image), args.save_path, output_stem(seed, "_" + Path(file).stem), params))
     return written
-
-
-def generate_main(arch_name: str, argv: list[str] | None = None) -> int:
-    arch = get_architecture(arch_name)
-    args = build_generate_parser(arch).parse_args(argv)
-    generate(arch, args)
-    return 0
