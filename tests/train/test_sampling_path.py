@@ -13,6 +13,7 @@ from test_train_network import cached, run  # noqa: F401  (cached is a fixture)
 from tsumugi.arch import get_architecture
 from tsumugi.cli.generate_args import build_generate_parser
 from tsumugi.demo import PROMPTS
+from tsumugi.sample.config import GenerateConfig
 from tsumugi.sample.generate import generation_jobs
 from tsumugi.sample.prompt_lines import read_prompt_file
 from tsumugi.train.sample_prompts import sample_jobs
@@ -61,7 +62,7 @@ def test_training_samples_take_the_generate_defaults(arch_name, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red fox --d 7\n", encoding="utf-8")
     args = build_generate_parser(arch).parse_args(["--from_file", str(prompts)])
-    (generated,) = generation_jobs(arch, args)
+    (generated,) = generation_jobs(arch, GenerateConfig.from_args(args))
     (sampled,) = sample_jobs(arch, read_prompt_file(str(prompts), "--sample_prompts"))
     assert _settings(sampled) == _settings(generated)
     assert (sampled.steps, sampled.width, sampled.height) == (args.infer_steps, 256, 256) == (25, 256, 256)
@@ -75,9 +76,9 @@ def test_generate_from_file_reads_the_toml_and_json_forms(suffix, tmp_path):
     entries = [{"prompt": "a fox", "width": 64, "height": 32, "seed": 1, "sample_steps": 3, "guidance_scale": 2.0,
                 "negative_prompt": "blurry"}, {"prompt": "a cup", "seed": 2, "discrete_flow_shift": 2.0}]
     files = _write_forms(tmp_path, entries)
-    args = build_generate_parser(arch).parse_args(["--from_file", files[suffix]])
-    jobs = generation_jobs(arch, args)
-    reference = generation_jobs(arch, build_generate_parser(arch).parse_args(["--from_file", files["txt"]]))
+    parser = build_generate_parser(arch)
+    jobs = generation_jobs(arch, GenerateConfig.from_args(parser.parse_args(["--from_file", files[suffix]])))
+    reference = generation_jobs(arch, GenerateConfig.from_args(parser.parse_args(["--from_file", files["txt"]])))
     assert [_settings(j) for j in jobs] == [_settings(j) for j in reference]
     assert _settings(jobs[0]) == ("a fox", "blurry", 64, 32, 1, 3, 2.0, None)
     assert (jobs[1].flow_shift, jobs[1].steps) == (2.0, 25)

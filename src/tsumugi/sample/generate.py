@@ -8,7 +8,6 @@ training renders its jobs with the same pieces (:func:`encode_job_prompts`, :fun
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import time
@@ -17,11 +16,11 @@ from pathlib import Path
 import torch
 
 from tsumugi.arch.base import Architecture, ImageGeometry, PromptEmbeds
-from tsumugi.cli.generate_args import resolve_model_version
 from tsumugi.errors import UserError
 from tsumugi.memory.attention import apply_attention_mode
 from tsumugi.networks.lora_merge import LoraMergeStep
 from tsumugi.preflight.runs import check_generate_flags, check_generation
+from tsumugi.sample.config import GenerateConfig
 from tsumugi.sample.edit import (
     EDIT_VERSIONS,
     RcmSettings,
@@ -38,88 +37,87 @@ from tsumugi.sample.sampler import denoise, sigma_schedule
 logger = logging.getLogger(__name__)
 
 
-def prompt_lines(args: argparse.Namespace) -> list[PromptLine]:
+def prompt_lines(config: GenerateConfig) -> list[PromptLine]:
     """``--from_file``'s prompts, else the one ``--prompt``."""
-    if args.from_file and args.prompt:
+    if config.from_file and config.prompt:
         logger.info("--from_file given: --prompt is used only for lines without prompt text")
-    if args.from_file:
-        return read_prompt_file(args.from_file, fallback_prompt=bool(args.prompt))
-    return [PromptLine(args.prompt or "", source="--prompt")]
+    if config.from_file:
+        return read_prompt_file(config.from_file, fallback_prompt=bool(config.prompt))
+    return [PromptLine(config.prompt or "", source="--prompt")]
 
 
-def job_defaults(args: argparse.Namespace, edit: bool) -> JobDefaults:
+def job_defaults(config: GenerateConfig, edit: bool) -> JobDefaults:
     """What the generate flags give every prompt line."""
     return JobDefaults(
-        prompt=args.prompt or "", negative_prompt=args.negative_prompt,
-        image_size=tuple(args.image_size) if args.image_size is not None else None,
-        seed=args.seed, steps=args.infer_steps, guidance_scale=args.guidance_scale, flow_shift=args.flow_shift,
-        control_paths=tuple(getattr(args, "control_image_path", None) or ()),
-        resize_mode=resize_mode(args) if edit else "native",
-        mask_path=getattr(args, "mask_path", None), rcm_threshold=getattr(args, "rcm_threshold", None),
-        rcm_relative=bool(getattr(args, "rcm_relative_threshold", False)),
-        rcm_kernel_size=getattr(args, "rcm_kernel_size", 0), rcm_dilate_size=getattr(args, "rcm_dilate_size", 0),
+        prompt=config.prompt or "", negative_prompt=config.negative_prompt,
+        image_size=tuple(config.image_size) if config.image_size is not None else None,
+        seed=config.seed, steps=config.infer_steps, guidance_scale=config.guidance_scale, flow_shift=config.flow_shift,
+        control_paths=tuple(config.control_image_path or ()),
+        resize_mode=resize_mode(config) if edit else "native",
+        mask_path=config.mask_path, rcm_threshold=config.rcm_threshold, rcm_relative=config.rcm_relative_threshold,
+        rcm_kernel_size=config.rcm_kernel_size, rcm_dilate_size=config.rcm_dilate_size,
     )
 
 
-def generation_jobs(arch: Architecture, args: argparse.Namespace, version: str = "original") -> list[GenerationJob]:
+def generation_jobs(arch: Architecture, config: GenerateConfig, version: str = "original") -> list[GenerationJob]:
     """One job per prompt (``--prompt`` or each prompt of ``--from_file``), per-line options winning."""
-    jobs = build_jobs(arch, prompt_lines(args), job_defaults(args, version in EDIT_VERSIONS), version)
-    if args.from_file and not any(job.rcm_threshold is not None for job in jobs):
-        if getattr(args, "rcm_relative_threshold", False) or getattr(args, "rcm_debug_save", False):
+    jobs = build_jobs(arch, prompt_lines(config), job_defaults(config, version in EDIT_VERSIONS), version)
+    if config.from_file and not any(job.rcm_threshold is not None for job in jobs):
+        if config.rcm_relative_threshold or config.rcm_debug_save:
             raise UserError("--rcm_relative_threshold / --rcm_debug_save need --rcm_threshold "
                             "(on the command line or --rcm_th in a prompt line)")
     return jobs
 
 
-def _validate(arch: Architecture, args: argparse.Namespace) -> None:
-    if not args.save_path:
+def _validate(arch: Architecture, config: GenerateConfig) -> None:
+    if not config.save_path:
         raise UserError("--save_path is required (the folder for the images)")
-    if args.latent_path:
-        if not args.vae:
+    if config.latent_path:
+        if not config.vae:
             raise UserError("--vae is required to decode --latent_path files")
         return
-    if not args.prompt and not args.from_file:
+    if not config.prompt and not config.from_file:
         raise UserError("give --prompt, --from_file or --latent_path")
-    if args.image_size is not None and any(v <= 0 or v % 16 for v in args.image_size):
-        near = " ".join(str(max(16, (v + 8) // 16 * 16)) for v in args.image_size)
-        raise UserError(f"--image_size {' '.join(map(str, args.image_size))}: height and width must each be a positive "
+    if config.image_size is not None and any(v <= 0 or v % 16 for v in config.image_size):
+        near = " ".join(str(max(16, (v + 8) // 16 * 16)) for v in config.image_size)
+        raise UserError(f"--image_size {' '.join(map(str, config.image_size))}: height and width must each be a positive "
                         f"multiple of 16 (e.g. --image_size {near})")
     for flag in ("dit", "vae", "text_encoder"):
-        if not getattr(args, flag) and not (flag == "vae" and args.output_type == "latent"):
+        if not getattr(config, flag) and not (flag == "vae" and config.output_type == "latent"):
             raise UserError(f"--{flag} is required")
     if arch.name == "qwen_image":
-        version = resolve_model_version(args)
+        version = config.model_version
         if version == "layered":
             raise UserError("--model_version layered: Qwen-Image-Layered generation is not supported yet")
-        _validate_edit(args, version)
+        _validate_edit(config, version)
 
 
-def _validate_edit(args: argparse.Namespace, version: str) -> None:
+def _validate_edit(config: GenerateConfig, version: str) -> None:
     edit = version in EDIT_VERSIONS
-    resize_mode(args)  # both resize flags: error
+    resize_mode(config)  # both resize flags: error
     edit_only = [name for name, on in (
-        ("--mask_path", args.mask_path), ("--rcm_threshold", args.rcm_threshold is not None),
-        ("--resize_control_to_image_size", args.resize_control_to_image_size),
-        ("--resize_control_to_official_size", args.resize_control_to_official_size),
-        ("--append_original_name", args.append_original_name),
+        ("--mask_path", config.mask_path), ("--rcm_threshold", config.rcm_threshold is not None),
+        ("--resize_control_to_image_size", config.resize_control_to_image_size),
+        ("--resize_control_to_official_size", config.resize_control_to_official_size),
+        ("--append_original_name", config.append_original_name),
     ) if on]
     if edit_only and not edit:
         raise UserError(f"{', '.join(edit_only)}: only for edit models (--model_version edit, edit-2509, edit-2511)")
-    if args.mask_path and args.rcm_threshold is not None:
+    if config.mask_path and config.rcm_threshold is not None:
         raise UserError("--mask_path and --rcm_threshold exclude each other: give one")
-    if args.rcm_threshold is None and not args.from_file and (args.rcm_relative_threshold or args.rcm_debug_save):
+    if config.rcm_threshold is None and not config.from_file and (config.rcm_relative_threshold or config.rcm_debug_save):
         raise UserError("--rcm_relative_threshold / --rcm_debug_save need --rcm_threshold")
-    if args.rcm_kernel_size < 0 or args.rcm_dilate_size < 0:
+    if config.rcm_kernel_size < 0 or config.rcm_dilate_size < 0:
         raise UserError("--rcm_kernel_size and --rcm_dilate_size must be >= 0")
 
 
-def _dtype(args: argparse.Namespace, device: torch.device, arch_name: str = "qwen_image") -> torch.dtype:
+def _dtype(config: GenerateConfig, device: torch.device, arch_name: str = "qwen_image") -> torch.dtype:
     """``--dit_dtype``; else bf16 on CUDA, and on the CPU the dtype the DiT file stores (bf16 or fp32)."""
-    if args.dit_dtype:
-        return getattr(torch, args.dit_dtype)
+    if config.dit_dtype:
+        return getattr(torch, config.dit_dtype)
     from tsumugi.models.host_memory import default_dtype
 
-    return default_dtype(args.dit if not args.latent_path else None, "dit", arch_name, device, flag="--dit")
+    return default_dtype(config.dit if not config.latent_path else None, "dit", arch_name, device, flag="--dit")
 
 
 def _free(*models: object) -> None:
@@ -158,41 +156,41 @@ def encode_job_prompts(arch: Architecture, text_encoder, tokenizer, jobs: list[G
 
 
 def encode_all(
-    arch: Architecture, args: argparse.Namespace, jobs: list[GenerationJob], device: torch.device, dtype: torch.dtype,
+    arch: Architecture, config: GenerateConfig, jobs: list[GenerationJob], device: torch.device, dtype: torch.dtype,
     version: str = "original",
 ) -> dict[tuple, PromptEmbeds]:
     """Embeddings of every distinct (prompt, controls) pair (and negative prompt where CFG runs), the encoder
     loaded once. Edit prompts are encoded with their VL-sized control images, the negative prompt too."""
-    te_device = torch.device("cpu") if args.text_encoder_cpu else device
+    te_device = torch.device("cpu") if config.text_encoder_cpu else device
     te_dtype = dtype
-    if te_device.type == "cpu" and args.dit_dtype is None:
+    if te_device.type == "cpu" and config.dit_dtype is None:
         from tsumugi.models.host_memory import default_dtype
 
-        te_dtype = default_dtype(args.text_encoder, "text_encoder", arch.name, te_device, flag="--text_encoder")
+        te_dtype = default_dtype(config.text_encoder, "text_encoder", arch.name, te_device, flag="--text_encoder")
     if te_device.type != "cuda":
         from tsumugi.models.host_memory import check_fits, estimate_bytes
 
-        needed = estimate_bytes(args.text_encoder, "text_encoder", arch.name, te_dtype, flag="--text_encoder")
-        check_fits(needed, what=f"--text_encoder {args.text_encoder} as {str(te_dtype).removeprefix('torch.')}",
+        needed = estimate_bytes(config.text_encoder, "text_encoder", arch.name, te_dtype, flag="--text_encoder")
+        check_fits(needed, what=f"--text_encoder {config.text_encoder} as {str(te_dtype).removeprefix('torch.')}",
                    hint="run the text encoder on a GPU (without --text_encoder_cpu)")
-    tokenizer = arch.load_tokenizer(args.tokenizer)
-    text_encoder = arch.load_text_encoder(args.text_encoder, dtype=te_dtype, device=te_device)
+    tokenizer = arch.load_tokenizer(config.tokenizer)
+    text_encoder = arch.load_text_encoder(config.text_encoder, dtype=te_dtype, device=te_device)
     embeds = encode_job_prompts(arch, text_encoder, tokenizer, jobs, te_device, version)
     _free(text_encoder)
     return embeds
 
 
-def _parameters(arch: Architecture, args: argparse.Namespace, job: GenerationJob) -> dict[str, object]:
+def _parameters(arch: Architecture, config: GenerateConfig, job: GenerationJob) -> dict[str, object]:
     data = job_parameters(arch, job)
     data.update(
-        dit=Path(args.dit).name if args.dit else None,
-        vae=Path(args.vae).name if args.vae else None,
-        text_encoder=Path(args.text_encoder).name if args.text_encoder else None,
+        dit=Path(config.dit).name if config.dit else None,
+        vae=Path(config.vae).name if config.vae else None,
+        text_encoder=Path(config.text_encoder).name if config.text_encoder else None,
         loras=[
-            {"file": Path(p).name, "multiplier": (args.lora_multiplier or [])[i] if i < len(args.lora_multiplier or []) else 1.0}
-            for i, p in enumerate(args.lora_weight or [])
+            {"file": Path(p).name, "multiplier": (config.lora_multiplier or [])[i] if i < len(config.lora_multiplier or []) else 1.0}
+            for i, p in enumerate(config.lora_weight or [])
         ],
-        fp8="scaled" if args.fp8_scaled else ("plain" if args.fp8 else "no"),
+        fp8="scaled" if config.fp8_scaled else ("plain" if config.fp8 else "no"),
     )
     return data
 
@@ -209,86 +207,86 @@ def _latent_metadata(job: GenerationJob) -> dict[str, str]:
     }
 
 
-def apply_generation_memory_options(dit: torch.nn.Module, arch_name: str, args: argparse.Namespace,
+def apply_generation_memory_options(dit: torch.nn.Module, arch_name: str, config: GenerateConfig,
                                     device: torch.device):
     """fp8 weights, the attention backend, compiled blocks and block swap, in that order, from the generate
     flags; returns the block swapper or ``None``. With block swap ``dit`` must still be on the CPU."""
-    if (args.fp8 or args.fp8_scaled) and not any(hasattr(m, "scale_weight") for m in dit.modules()):
+    if (config.fp8 or config.fp8_scaled) and not any(hasattr(m, "scale_weight") for m in dit.modules()):
         from tsumugi.memory.fp8_dit import quantize_dit_fp8  # not quantized while loading
 
-        quantize_dit_fp8(dit, arch_name, scaled=args.fp8_scaled)
-    apply_attention_mode(dit, args.attn_mode)
-    swap = bool(args.blocks_to_swap)
-    if args.compile:
+        quantize_dit_fp8(dit, arch_name, scaled=config.fp8_scaled)
+    apply_attention_mode(dit, config.attn_mode)
+    swap = bool(config.blocks_to_swap)
+    if config.compile:
         from tsumugi.memory.compile_blocks import compile_blocks
 
-        compile_blocks(dit, arch_name, backend=args.compile_backend, mode=args.compile_mode,
-                       dynamic=args.compile_dynamic, fullgraph=args.compile_fullgraph,
-                       cache_size_limit=args.compile_cache_size_limit, eager_linears=swap)
+        compile_blocks(dit, arch_name, backend=config.compile_backend, mode=config.compile_mode,
+                       dynamic=config.compile_dynamic, fullgraph=config.compile_fullgraph,
+                       cache_size_limit=config.compile_cache_size_limit, eager_linears=swap)
     if not swap:
         return None
     from tsumugi.memory.block_swap import attach_block_swap
 
-    swapper = attach_block_swap(dit, args.blocks_to_swap, device, arch_name, mode="forward",
-                                pinned=args.use_pinned_memory_for_block_swap, h2d_only=True)
-    logger.info("block swap: %d of %d blocks streamed from CPU memory", args.blocks_to_swap, len(swapper.blocks))
+    swapper = attach_block_swap(dit, config.blocks_to_swap, device, arch_name, mode="forward",
+                                pinned=config.use_pinned_memory_for_block_swap, h2d_only=True)
+    logger.info("block swap: %d of %d blocks streamed from CPU memory", config.blocks_to_swap, len(swapper.blocks))
     return swapper
 
 
-def generation_stream_options(arch_name: str, args: argparse.Namespace, device: torch.device,
+def generation_stream_options(arch_name: str, config: GenerateConfig, device: torch.device,
                               dtype: torch.dtype) -> dict[str, object]:
     """``load_dit`` options that merge ``--lora_weight`` and quantize (``--fp8``/``--fp8_scaled``) each
     weight as it streams in, and load block swap's weights straight into host memory. On the CPU the
     load is refused first when the DiT would not fit the available memory."""
     from tsumugi.memory.fp8_dit import Fp8DitStep
 
-    fp8 = bool(args.fp8 or args.fp8_scaled)
+    fp8 = bool(config.fp8 or config.fp8_scaled)
     if device.type != "cuda":
         from tsumugi.models.host_memory import check_fits, estimate_bytes
 
-        needed = estimate_bytes(args.dit, "dit", arch_name, dtype, flag="--dit", fp8_blocks=fp8)
-        check_fits(needed, what=f"--dit {args.dit} as {str(dtype).removeprefix('torch.')}",
+        needed = estimate_bytes(config.dit, "dit", arch_name, dtype, flag="--dit", fp8_blocks=fp8)
+        check_fits(needed, what=f"--dit {config.dit} as {str(dtype).removeprefix('torch.')}",
                    hint="use a GPU, --fp8_scaled, or a smaller --dit_dtype")
     steps: list = []
-    if args.lora_weight:
-        steps.append(LoraMergeStep(args.lora_weight, args.lora_multiplier, args.include_patterns,
-                                   args.exclude_patterns))
+    if config.lora_weight:
+        steps.append(LoraMergeStep(config.lora_weight, config.lora_multiplier, config.include_patterns,
+                                   config.exclude_patterns))
     if fp8:
-        steps.append(Fp8DitStep(arch_name, scaled=args.fp8_scaled))
+        steps.append(Fp8DitStep(arch_name, scaled=config.fp8_scaled))
     options: dict[str, object] = {"steps": steps}
-    if args.blocks_to_swap:
+    if config.blocks_to_swap:
         from tsumugi.memory.block_swap import swap_host_tensors
 
-        options.update(host_tensors=swap_host_tensors(args.blocks_to_swap, arch_name),
-                       pin_host=bool(args.use_pinned_memory_for_block_swap) and device.type == "cuda")
+        options.update(host_tensors=swap_host_tensors(config.blocks_to_swap, arch_name),
+                       pin_host=bool(config.use_pinned_memory_for_block_swap) and device.type == "cuda")
     return options
 
 
-def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
-    """Run the whole pipeline for ``args``; returns the files written."""
-    _validate(arch, args)
-    check_generate_flags(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _dtype(args, device, arch.name)
-    if args.latent_path:
-        check_generation(arch.name, args, [], device)
-        return decode_latent_files(arch, args, device)
-    version = resolve_model_version(args) if arch.name == "qwen_image" else "original"
-    jobs = generation_jobs(arch, args, version)
-    check_generation(arch.name, args, jobs, device)
-    controls = _encode_all_controls(arch, args, jobs, device)
-    embeds = encode_all(arch, args, jobs, device, dtype, version)
+def generate(arch: Architecture, config: GenerateConfig) -> list[Path]:
+    """Run the whole pipeline for ``config``; returns the files written."""
+    _validate(arch, config)
+    check_generate_flags(config)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _dtype(config, device, arch.name)
+    if config.latent_path:
+        check_generation(arch.name, config, [], device)
+        return decode_latent_files(arch, config, device)
+    version = config.model_version if arch.name == "qwen_image" else "original"
+    jobs = generation_jobs(arch, config, version)
+    check_generation(arch.name, config, jobs, device)
+    controls = _encode_all_controls(arch, config, jobs, device)
+    embeds = encode_all(arch, config, jobs, device, dtype, version)
 
-    dit = arch.load_dit(args.dit, dtype=dtype, device=device, model_version=version,
-                        **generation_stream_options(arch.name, args, device, dtype))
+    dit = arch.load_dit(config.dit, dtype=dtype, device=device, model_version=version,
+                        **generation_stream_options(arch.name, config, device, dtype))
     dit.requires_grad_(False)
     if version in ("original", "edit", "edit-2509") and getattr(getattr(dit, "config", None), "zero_cond_t", False):
         logger.warning("the DiT carries the Edit-2511 marker (zero_cond_t) but --model_version is %s", version)
-    apply_generation_memory_options(dit, arch.name, args, device)
+    apply_generation_memory_options(dit, arch.name, config, device)
     results = []
     for job, encoded in zip(jobs, controls):
         negative = embeds.get((job.negative_prompt, job.control_key)) if arch.uses_guidance(job.guidance_scale) else None
-        debug_dir = Path(args.save_path) if getattr(args, "rcm_debug_save", False) else None
+        debug_dir = Path(config.save_path) if config.rcm_debug_save else None
         start = time.perf_counter()
         latents = render_job(arch, dit, job, embeds[(job.prompt, job.control_key)], negative, encoded, device, dtype,
                              rcm_debug_dir=debug_dir)
@@ -298,37 +296,37 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     _free(dit)
 
     written = []
-    save_dir = Path(args.save_path)
+    save_dir = Path(config.save_path)
     for job, latents in results:
-        if args.output_type in ("latent", "latent_images", "both"):
-            meta = None if args.no_metadata else _latent_metadata(job)
-            stem = output_stem(job.seed, _name_suffix(args, job))
+        if config.output_type in ("latent", "latent_images", "both"):
+            meta = None if config.no_metadata else _latent_metadata(job)
+            stem = output_stem(job.seed, _name_suffix(config, job))
             written.append(save_latent(arch.latents_for_saving(latents, job.geometry), save_dir, stem, meta))
-    if args.output_type != "latent":
-        vae = arch.load_vae(args.vae, device="cpu" if args.vae_cpu else device)
+    if config.output_type != "latent":
+        vae = arch.load_vae(config.vae, device="cpu" if config.vae_cpu else device)
         for job, latents in results:
-            stem = output_stem(job.seed, _name_suffix(args, job))
-            path = save_job_png(arch, vae, job, latents, save_dir, stem, _parameters(arch, args, job))
+            stem = output_stem(job.seed, _name_suffix(config, job))
+            path = save_job_png(arch, vae, job, latents, save_dir, stem, _parameters(arch, config, job))
             logger.info("saved %s", path)
             written.append(path)
     return written
 
 
-def _name_suffix(args: argparse.Namespace, job: GenerationJob) -> str:
+def _name_suffix(config: GenerateConfig, job: GenerationJob) -> str:
     """``--append_original_name``: ``_<first control's base name>`` (Musubi writes a doubled ``_``)."""
-    if getattr(args, "append_original_name", False) and job.control_paths:
+    if config.append_original_name and job.control_paths:
         return "_" + Path(job.control_paths[0]).stem
     return ""
 
 
-def _encode_all_controls(arch: Architecture, args: argparse.Namespace, jobs: list[GenerationJob],
+def _encode_all_controls(arch: Architecture, config: GenerateConfig, jobs: list[GenerationJob],
                          device: torch.device) -> list:
     """VAE latents of every job's controls (None for text-to-image); sets ``control_latent_sizes``."""
     if not any(job.vae_controls for job in jobs):
         return [None] * len(jobs)
-    if not args.vae:
+    if not config.vae:
         raise UserError("--vae is required to encode the control images")
-    vae = arch.load_vae(args.vae, device="cpu" if args.vae_cpu else device)
+    vae = arch.load_vae(config.vae, device="cpu" if config.vae_cpu else device)
     out = [encode_job_controls(arch, vae, job) for job in jobs]
     _free(vae)
     return out
@@ -385,13 +383,13 @@ def _reference_blend(arch: Architecture, job: GenerationJob, encoded, noise: tor
     return ReferenceBlend(arch, encoded.first_tokens, noise, job.geometry, timesteps, sigmas, rcm=rcm)
 
 
-def decode_latent_files(arch: Architecture, args: argparse.Namespace, device: torch.device) -> list[Path]:
+def decode_latent_files(arch: Architecture, config: GenerateConfig, device: torch.device) -> list[Path]:
     """``--latent_path``: decode latent files written by ``--output_type latent`` (ours or Musubi's)."""
     from safetensors import safe_open
 
-    vae = arch.load_vae(args.vae, device="cpu" if args.vae_cpu else device)
+    vae = arch.load_vae(config.vae, device="cpu" if config.vae_cpu else device)
     written = []
-    for file in args.latent_path:
+    for file in config.latent_path:
         try:
             with safe_open(file, framework="pt") as f:
                 tensor = f.get_tensor("latent")
@@ -408,5 +406,5 @@ def decode_latent_files(arch: Architecture, args: argparse.Namespace, device: to
             image = arch.decode(vae, latents, geometry)[0]
         params = {"decoded_from": Path(file).name, **{k: v for k, v in meta.items()}}
         seed = int(meta.get("seeds", 0)) if meta.get("seeds", "0").isdigit() else 0
-        written.append(save_png(to_pil(image), args.save_path, output_stem(seed, "_" + Path(file).stem), params))
+        written.append(save_png(to_pil(image), config.save_path, output_stem(seed, "_" + Path(file).stem), params))
     return written
