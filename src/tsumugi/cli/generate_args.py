@@ -71,8 +71,8 @@ def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
         "--negative_prompt", default=None, help=f"negative prompt (default {arch.default_negative_prompt!r})"
     )
     prompt.add_argument("--from_file", help="prompt file: .txt, one prompt per line, per-line options (w, h, s, d, g or l = CFG "
-                        "scale, n, fs) written with two hyphens after the prompt as in Musubi; or .toml/.json as "
-                        "--sample_prompts (docs/generate.md)")
+                        "scale, n, fs) written with two hyphens after the prompt as in Musubi; or Musubi's .toml/.json "
+                        "sample-prompt forms (docs/generate.md)")
     prompt.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("H", "W"),
                         help="output height and width, positive multiples of 16 (default: the first control's VAE size "
                         "for edit, else 256 256)")
