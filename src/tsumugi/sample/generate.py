@@ -267,13 +267,13 @@ def generate(arch: Architecture, config: GenerateConfig) -> list[Path]:
     _validate(arch, config)
     check_generate_flags(config)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _dtype(config, device, arch.name)
     if config.latent_path:
         check_generation(arch.name, config, [], device)
         return decode_latent_files(arch, config, device)
     version = config.model_version if arch.name == "qwen_image" else "original"
     jobs = generation_jobs(arch, config, version)
     check_generation(arch.name, config, jobs, device)
+    dtype = _dtype(config, device, arch.name)  # reads the DiT's header: only after the file is checked
     controls = _encode_all_controls(arch, config, jobs, device)
     embeds = encode_all(arch, config, jobs, device, dtype, version)
 
