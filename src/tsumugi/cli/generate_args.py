@@ -136,7 +136,8 @@ def add_edit_flags(parser: argparse.ArgumentParser) -> None:
                       help="Reference Consistency Mask: pin regions whose latent differs less than this")
     edit.add_argument("--rcm_relative_threshold", action="store_true",
                       help="--rcm_threshold is a fraction of the step's largest difference")
-    edit.add_argument("--rcm_kernel_size", type=int, default=0, help="RCM Gaussian blur kernel (odd; 0/1: none)")
+    edit.add_argument("--rcm_kernel_size", type=int, default=3,
+                      help="RCM Gaussian blur kernel (forced odd; 0/1: none; default 3, as Musubi)")
     edit.add_argument("--rcm_dilate_size", type=int, default=0, help="RCM dilation radius of the regenerate region")
     edit.add_argument("--rcm_debug_save", action="store_true", help="save the RCM mask of every step as PNG")
 

@@ -310,8 +310,6 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
         _add(g, "--scale_weight_norms", type=float, default=None, help="max-norm regularisation per module")
         _add(g, "--base_weights", type=str, default=None, nargs="*", help="LoRAs merged into the DiT before training")
         _add(g, "--base_weights_multiplier", type=float, default=None, nargs="*", help="one per --base_weights (1.0)")
-        _flag(g, "--no_metadata", "write only the minimum metadata")
-        _add(g, "--training_comment", type=str, default=None, help="ss_training_comment metadata")
         if qwen:
             fmt_help = ("layout of the saved LoRA: default = musubi for Qwen-Image (Musubi's lora_unet_ keys, "
                         "which ComfyUI and diffusers both load); musubi = Musubi's keys; diffusers = PEFT "
@@ -324,6 +322,8 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
         _add(g, "--lora_format", type=str, default="default", choices=LORA_FORMATS, help=fmt_help)
 
     g = parser.add_argument_group("metadata")
+    _flag(g, "--no_metadata", "write only the minimum metadata")
+    _add(g, "--training_comment", type=str, default=None, help="ss_training_comment metadata")
     _add(g, "--metadata_title", type=str, default=None, help="modelspec.title (default: --output_name)")
     _add(g, "--metadata_author", type=str, default=None, help="modelspec.author")
     _add(g, "--metadata_description", type=str, default=None, help="modelspec.description")
@@ -588,11 +588,13 @@ def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | N
 
 
 def _check_network_family(module: str, arch: str) -> None:
-    """A network module of the other family fails here, naming the right one (not later, after the
-    DiT is loaded, as "no modules" of the include/exclude patterns)."""
-    name = module.removeprefix("tsumugi.")
+    """A module that is not a network module, or the other family's, fails here, naming the right one
+    (not later, after the DiT is loaded)."""
+    from tsumugi.networks.network_modules import import_network_module, network_target
+
+    target = network_target(import_network_module(module))
     for other in ARCH_NAMES:
-        if other != arch and name == NETWORK_MODULES[other]:
+        if other != arch and target is not None and target.display_name == DISPLAY_NAMES[other]:
             raise UserError(
                 f"--network_module {module} is the {DISPLAY_NAMES[other]} network; {arch}_train_network trains "
                 f"{DISPLAY_NAMES[arch]}: use --network_module {NETWORK_MODULES[arch]}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from tsumugi.arch import get_architecture
 from tsumugi.cli.generate_args import build_generate_parser, resolve_model_version
-from tsumugi.preflight.runs import check_generate_flags
 from tsumugi.sample.config import GenerateConfig
 from tsumugi.sample.generate import generate
 
@@ -12,7 +11,6 @@ from tsumugi.sample.generate import generate
 def generate_main(arch_name: str, argv: list[str] | None = None) -> int:
     arch = get_architecture(arch_name)
     args = build_generate_parser(arch).parse_args(argv)
-    check_generate_flags(args)  # also the no-op --embedded_cfg_scale, which the configuration does not keep
     version = resolve_model_version(args) if arch.name == "qwen_image" else "original"
     generate(arch, GenerateConfig.from_args(args, version))
     return 0

@@ -3,7 +3,7 @@
 The attribute names are the flags' (``--infer_steps`` -> ``infer_steps``), so the checks that take flags
 (:mod:`tsumugi.preflight.runs`) read a configuration the same way. ``model_version`` is resolved from
 ``--model_version`` / ``--edit`` / ``--edit_plus`` by the script before the configuration is built;
-the no-op flags (``--embedded_cfg_scale``, ``--cpu_noise``) are checked and warned about there and not kept.
+the no-op flags (``--embedded_cfg_scale``, ``--cpu_noise``) are warned about by the parser and not kept.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class GenerateConfig:
     mask_path: str | None = None
     rcm_threshold: float | None = None
     rcm_relative_threshold: bool = False
-    rcm_kernel_size: int = 0
+    rcm_kernel_size: int = 3
     rcm_dilate_size: int = 0
     rcm_debug_save: bool = False
     # output

@@ -52,7 +52,7 @@ class JobDefaults:
     mask_path: str | None = None
     rcm_threshold: float | None = None
     rcm_relative: bool = False
-    rcm_kernel_size: int = 0
+    rcm_kernel_size: int = 3
     rcm_dilate_size: int = 0
 
 
