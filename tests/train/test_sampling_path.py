@@ -114,3 +114,39 @@ def test_the_demo_prompt_file_gives_the_same_images_in_training_and_generation(a
         assert difference.max() <= 1, (sample.name, difference.max())
     guidance = {Image.open(p).text["seed"]: Image.open(p).text["guidance_scale"] for p in samples}
     assert guidance["2"] == "3.0" and guidance["5"] == "2.5"  # --g and --l: the CFG scale
+
+
+def test_an_edit_sample_line_with_a_mask_gives_the_generate_image(tiny_sets, tmp_path):
+    """Mask lines (``--ci`` + ``--m``) in a sample file: accepted when training an edit version, sized by the
+    official-size rule, and the sample equals ``--from_file`` with ``--resize_control_to_official_size``."""
+    import types
+
+    import torch
+
+    from tsumugi.qwen_image_generate_image import main as qwen_generate
+    from tsumugi.train.sample_prompts import TrainingSampler
+
+    files = tiny_sets("qwen_image")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((64, 64)).save(tmp_path / "c.png")
+    mask = np.zeros((1024, 1024), dtype=np.uint8)
+    mask[:, 512:] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    prompts = tmp_path / "p.txt"
+    line = f"make it red --ci {tmp_path / 'c.png'} --m {tmp_path / 'm.png'} --d 3 --s 2 --l 1.0"  # --l 1: no CFG
+    prompts.write_text(line + "\n", encoding="utf-8")
+    args = types.SimpleNamespace(sample_prompts=str(prompts), vae=str(files["vae"]), output_dir=str(tmp_path / "t"),
+                                 text_encoder=str(files["text_encoder"]), output_name="run", model_version="edit-2511")
+    arch = get_architecture("qwen_image")
+    sampler = TrainingSampler(arch, args, torch.device("cpu"), torch.float32)
+    dit = arch.load_dit(str(files["dit"]), dtype=torch.float32, device="cpu", model_version="edit-2511")
+    (sample,) = sampler.render(dit, "000001")
+    assert qwen_generate(["--dit", str(files["dit"]), "--vae", str(files["vae"]), "--text_encoder",
+                          str(files["text_encoder"]), "--from_file", str(prompts), "--model_version", "edit-2511",
+                          "--resize_control_to_official_size", "--save_path", str(tmp_path / "g"),
+                          "--device", "cpu"]) == 0
+    (generated,) = (tmp_path / "g").glob("*.png")
+    ours, theirs = Image.open(sample), Image.open(generated)
+    assert ours.size == theirs.size == (1024, 1024) and ours.text["mask_path"] == theirs.text["mask_path"] == "m.png"
+    difference = np.abs(np.asarray(ours.convert("RGB")).astype(int) - np.asarray(theirs.convert("RGB")).astype(int))
+    assert difference.max() <= 1
