@@ -50,6 +50,9 @@ class GenerateConfig:
     rcm_kernel_size: int = 3
     rcm_dilate_size: int = 0
     rcm_debug_save: bool = False
+    # Qwen-Image-Layered
+    output_layers: int = 4
+    automatic_prompt_lang_for_layered: str | None = None
     # output
     save_path: str | None = None
     output_type: str = "images"
@@ -74,7 +77,7 @@ class GenerateConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model_version: str = "original") -> GenerateConfig:
-        """The configuration of parsed generate flags (Z-Image has no edit flags: their defaults)."""
+        """The configuration of parsed generate flags (Z-Image has no edit/Layered flags: their defaults)."""
         edit = {}
         if hasattr(args, "mask_path"):  # the Qwen-Image-Edit flags
             edit = dict(
@@ -86,6 +89,9 @@ class GenerateConfig:
                 rcm_kernel_size=args.rcm_kernel_size, rcm_dilate_size=args.rcm_dilate_size,
                 rcm_debug_save=args.rcm_debug_save,
             )
+        if hasattr(args, "output_layers"):  # the Qwen-Image-Layered flags
+            edit.update(output_layers=args.output_layers,
+                        automatic_prompt_lang_for_layered=args.automatic_prompt_lang_for_layered)
         return cls(
             dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
             lora_weight=_tuple(args.lora_weight), lora_multiplier=_tuple(args.lora_multiplier),

@@ -76,7 +76,7 @@ def _validate(arch: Architecture, config: GenerateConfig) -> None:
         if not config.vae:
             raise UserError("--vae is required to decode --latent_path files")
         return
-    if not config.prompt and not config.from_file:
+    if not config.prompt and not config.from_file and not config.automatic_prompt_lang_for_layered:
         raise UserError("give --prompt, --from_file or --latent_path")
     if config.image_size is not None and any(v <= 0 or v % 16 for v in config.image_size):
         near = " ".join(str(max(16, (v + 8) // 16 * 16)) for v in config.image_size)
@@ -88,7 +88,13 @@ def _validate(arch: Architecture, config: GenerateConfig) -> None:
     if arch.name == "qwen_image":
         version = config.model_version
         if version == "layered":
-            raise UserError("--model_version layered: Qwen-Image-Layered generation is not supported yet")
+            from tsumugi.sample.layered import validate_layered
+
+            return validate_layered(config)
+        layered_only = [flag for flag, on in (("--output_layers", config.output_layers != 4), (
+            "--automatic_prompt_lang_for_layered", config.automatic_prompt_lang_for_layered is not None)) if on]
+        if layered_only:
+            raise UserError(f"{', '.join(layered_only)}: only for --model_version layered (got {version})")
         _validate_edit(config, version)
 
 
@@ -267,12 +273,25 @@ def generate(arch: Architecture, config: GenerateConfig) -> list[Path]:
     _validate(arch, config)
     check_generate_flags(config)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    version = config.model_version if arch.name == "qwen_image" else "original"
     if config.latent_path:
         check_generation(arch.name, config, [], device)
+        if version == "layered":
+            from tsumugi.sample.layered import decode_layered_latent_files
+
+            return decode_layered_latent_files(config, device)
         return decode_latent_files(arch, config, device)
-    version = config.model_version if arch.name == "qwen_image" else "original"
+    if version == "layered":
+        from tsumugi.sample.layered import generate_layered
+
+        return generate_layered(config, device)
     jobs = generation_jobs(arch, config, version)
     check_generation(arch.name, config, jobs, device)
+    if arch.name == "qwen_image":
+        from tsumugi.arch.qwen_image_layered import check_version_files
+
+        check_version_files(config.dit, config.vae if config.output_type != "latent" or jobs[0].control_paths else None,
+                            layered=False)
     dtype = _dtype(config, device, arch.name)  # reads the DiT's header: only after the file is checked
     controls = _encode_all_controls(arch, config, jobs, device)
     embeds = encode_all(arch, config, jobs, device, dtype, version)
