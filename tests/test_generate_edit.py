@@ -219,7 +219,7 @@ def test_training_samples_with_controls_match_generation(controls, tiny_sets, tm
                                  text_encoder=str(files["text_encoder"]), output_name="run", model_version="edit-2511")
     arch = get_architecture("qwen_image")
     sampler = TrainingSampler(arch, args, torch.device("cpu"), torch.float32)
-    vae_images, vl_images, _ = sampler.controls[0]
+    vae_images, vl_images = sampler.jobs[0].vae_controls, sampler.jobs[0].vl_controls
     expected_vae, expected_vl = official_control_images(Image.open(controls["wide"]).convert("RGB"))
     assert [im.size for im in vae_images] == [expected_vae.size] and vl_images[0].size == expected_vl.size
     assert np.array_equal(np.asarray(vae_images[0]), np.asarray(expected_vae))

@@ -33,7 +33,7 @@ DESCRIPTION = (
     "prompt file with and without the LoRA. The images look like noise (the weights are random); the point "
     "is that every stage runs for real. Output: OUTPUT/<model>/ with images/, lora/, lora/sample/ and logs/."
 )
-PROMPTS = """# prompt --w WIDTH --h HEIGHT --d SEED --s STEPS --g GUIDANCE --n NEGATIVE
+PROMPTS = """# prompt --w WIDTH --h HEIGHT --d SEED --s STEPS --g CFG_SCALE --n NEGATIVE
 a red fox in the snow, watercolor --w 128 --h 96 --d 1 --s 6
 a lighthouse at dusk --w 96 --h 128 --d 2 --s 6 --g 3.0 --n blurry
 """

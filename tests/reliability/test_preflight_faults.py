@@ -321,7 +321,7 @@ def test_generate_fifo_prompt_file_does_not_hang(tiny_sets, tmp_path):
     done = _run_script("qwen_image_generate_image", "--dit", files["dit"], "--vae", files["vae"], "--text_encoder",
                        files["text_encoder"], "--from_file", fifo, "--save_path", tmp_path / "out", "--device", "cpu")
     assert done.returncode == 2, done.stderr
-    assert f"error: --from_file: {fifo} is a FIFO (named pipe); expected a regular prompt text file" in done.stderr
+    assert f"error: --from_file: {fifo} is a FIFO (named pipe); expected a regular prompt file (.txt, .toml or .json)" in done.stderr
 
 
 # ---- training ------------------------------------------------------------------------------------

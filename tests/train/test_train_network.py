@@ -270,7 +270,7 @@ def test_sampling_and_tensorboard_during_training(cached, tmp_path):
     assert names == {"000000", "000002", "000004"}
     first = Image.open(next(p for p in samples if "_000002_00_" in p.name))
     assert first.size == (32, 48) and first.text["prompt"] == "a red apple"
-    assert first.text["guidance_scale"] == "0.0", "--g is Musubi's embedded guidance in sample files: unused"
+    assert first.text["guidance_scale"] == "7.5", "--g is the CFG scale in sample files, as in --from_file"
     second = Image.open(next(p for p in samples if "_000002_01_" in p.name))
     assert second.text["guidance_scale"] == "2.0"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

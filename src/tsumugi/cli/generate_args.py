@@ -8,6 +8,7 @@ from typing import Any
 from tsumugi.arch.base import Architecture
 from tsumugi.cli.flag_notes import HelpFormatter, warn_no_op_flags
 from tsumugi.errors import UserError
+from tsumugi.sample.jobs import DEFAULT_STEPS
 
 # --compile and its options (docs/training.md, "Memory options"), shared by the training and generate scripts.
 COMPILE_FLAGS: list[tuple[str, dict]] = [
@@ -70,12 +71,13 @@ def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
     prompt.add_argument(
         "--negative_prompt", default=None, help=f"negative prompt (default {arch.default_negative_prompt!r})"
     )
-    prompt.add_argument("--from_file", help="prompt file, one prompt per line; per-line options (w, h, s, d, g, n, fs) are written with "
-                        "two hyphens after the prompt, as in Musubi")
+    prompt.add_argument("--from_file", help="prompt file: .txt, one prompt per line, per-line options (w, h, s, d, g or l = CFG "
+                        "scale, n, fs) written with two hyphens after the prompt as in Musubi; or Musubi's .toml/.json "
+                        "sample-prompt forms (docs/generate.md)")
     prompt.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("H", "W"),
                         help="output height and width, positive multiples of 16 (default: the first control's VAE size "
                         "for edit, else 256 256)")
-    prompt.add_argument("--infer_steps", type=int, default=25, help="denoising steps")
+    prompt.add_argument("--infer_steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
     prompt.add_argument("--guidance_scale", type=float, default=arch.default_guidance_scale,
                         help="classifier-free guidance scale")
     shift_help = "static flow shift (default: resolution-dependent)" if arch.default_flow_shift is None else (

@@ -93,24 +93,20 @@ def check_training(arch: str, args: argparse.Namespace) -> None:
 def _check_sample_prompts(arch_name: str, args: argparse.Namespace) -> None:
     """The sample prompt file parsed and planned now, its control images, the sample VAE/text encoder."""
     from tsumugi.arch import get_architecture
-    from tsumugi.train.sample_prompts import TrainingSampler, plan_samples, read_sample_prompts
+    from tsumugi.sample.prompt_lines import read_prompt_file
+    from tsumugi.train.sample_prompts import TrainingSampler, sample_jobs
 
     arch = get_architecture(arch_name)
-    lines = read_sample_prompts(args.sample_prompts)
-    TrainingSampler.check_controls(arch, args, lines)
-    plans = plan_samples(arch, lines)
+    lines = read_prompt_file(args.sample_prompts, "--sample_prompts")
+    jobs = sample_jobs(arch, lines, TrainingSampler.check_controls(arch, args, lines))  # control images read too
     if not args.vae:
         raise UserError("--sample_prompts needs --vae to decode the samples")
     check_model(args.vae, arch_name, "vae", "--vae")
     if args.text_encoder:
         check_model(args.text_encoder, arch_name, "text_encoder", "--text_encoder")
-    from tsumugi.sample.edit import load_control_image
-
     device = default_device()
-    for plan in plans:
-        for path in plan.line.control_images:
-            load_control_image(path, plan.line.source)  # a regular file holding a readable image
-        check_image_memory(arch_name, plan.width, plan.height, device, plan.line.source)
+    for job in jobs:
+        check_image_memory(arch_name, job.width, job.height, device, job.source)
 
 
 # ---- generation -------------------------------------------------------------------------------
@@ -133,7 +129,7 @@ def check_generate_flags(args: argparse.Namespace) -> None:
 def check_generation(arch: str, args: argparse.Namespace, jobs: Sequence, device: torch.device) -> None:
     """``*_generate_image``: the models it will load, the LoRAs, ``--save_path``, each job's size.
 
-    ``jobs`` are the resolved :class:`~tsumugi.sample.generate.GenerationJob` (empty with ``--latent_path``).
+    ``jobs`` are the resolved :class:`~tsumugi.sample.jobs.GenerationJob` (empty with ``--latent_path``).
     """
     decode_device = torch.device("cpu") if args.vae_cpu else device
     if args.latent_path:

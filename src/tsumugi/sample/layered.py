@@ -95,7 +95,8 @@ def _lines(args: argparse.Namespace) -> list[PromptLine]:
 
 
 def build_layered_jobs(arch: QwenImageLayeredArchitecture, args: argparse.Namespace) -> list[LayeredJob]:
-    from tsumugi.sample.generate import _check_size, _random_seed
+    from tsumugi.sample.jobs import check_job as _check_size
+    from tsumugi.sample.jobs import random_seed as _random_seed
 
     mode = resize_mode(args)
     jobs = []

@@ -1,24 +1,32 @@
-"""The prompt-line syntax of ``--from_file`` and training sample files.
+"""The prompt files of ``--from_file`` and ``--sample_prompts``: one reader, one meaning per option.
 
 A line is ``prompt text --w 1024 --h 768 --s 20 --d 42 --g 4.0 --n negative text --fs 3.0``; options
-follow the first `` --``. Empty lines and ``#`` comments are skipped. Unlike Musubi, an unknown option
+follow the first `` --``. Empty lines and ``#`` comments are skipped. ``--g`` and ``--l`` both set the
+classifier-free guidance (CFG) scale, in generation and in training samples alike (these models take no
+embedded guidance); when a line gives both, ``--l`` wins and a warning names the line. A ``.toml``
+(``[prompt]`` + ``[[prompt.subset]]``) or ``.json`` (a list of lines or tables) file holds the same
+settings under Musubi's key names. Unlike Musubi, an unknown option
 is an error naming the line (a typo such as ``--sd 42`` must not silently use a random seed), and so is a
 value out of range (``--s 0``, ``--g nan``, ``--w -16``) and a line with options but no prompt text
 (unless the caller has a fallback prompt). Files are UTF-8, or UTF-16/UTF-32 with a byte-order mark.
 
-Generate prompt files (``read_prompt_file``) also accept the Qwen-Image-Edit mask/RCM options ``--m PATH``,
-``--rcm_th X``, ``--rcm_rel_th B``, ``--rcm_ks N``, ``--rcm_ds N``; the architecture checks happen in
-``tsumugi.sample.generate``. Training sample files do not accept them (unknown option).
+Lines also accept the Qwen-Image-Edit mask/RCM options ``--m PATH``, ``--rcm_th X``, ``--rcm_rel_th B``,
+``--rcm_ks N``, ``--rcm_ds N``; whether the model takes them is checked in ``tsumugi.sample.jobs``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tsumugi.errors import UserError
 from tsumugi.preflight.text_files import numbered_lines, read_text
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,7 +66,8 @@ class PromptLine:
 
 
 _INT_OPTIONS = {"w": "width", "h": "height", "d": "seed", "s": "steps", "f": "frame_count"}
-_FLOAT_OPTIONS = {"g": "guidance_scale", "l": "guidance_scale", "fs": "flow_shift"}
+_FLOAT_OPTIONS = {"fs": "flow_shift"}
+_CFG_OPTIONS = ("g", "l")  # both the CFG scale; --l wins when a line gives both
 _EDIT_INT_OPTIONS = {"rcm_ks": "rcm_kernel_size", "rcm_ds": "rcm_dilate_size"}
 _EDIT_FLOAT_OPTIONS = {"rcm_th": "rcm_threshold"}
 _EDIT_OPTIONS = [*_EDIT_INT_OPTIONS, *_EDIT_FLOAT_OPTIONS, "m", "rcm_rel_th"]
@@ -70,7 +79,7 @@ _RANGES = {
     "width": ("--w", 0, True), "height": ("--h", 0, True), "steps": ("--s", 1, False),
     "frame_count": ("--f", 1, False), "guidance_scale": ("--g/--l", 0, False), "flow_shift": ("--fs", 0, True),
     "rcm_threshold": ("--rcm_th", None, False), "seed": ("--d", None, False),
-}  # --rcm_ks / --rcm_ds (>= 0) are checked with the other mask/RCM rules in tsumugi.sample.generate
+}  # --rcm_ks / --rcm_ds (>= 0) are checked with the other mask/RCM rules in tsumugi.sample.jobs
 _INT_FIELDS = {"width", "height", "steps", "frame_count", "seed"}
 
 
@@ -99,67 +108,110 @@ def require_text(line: PromptLine) -> PromptLine:
     return line
 
 
-def parse_prompt_line(
-    line: str, source: str = "<prompt>", *, g_is_cfg: bool = True, edit_options: bool = False
-) -> PromptLine:
-    """Parse one line; ``source`` (e.g. ``prompts.txt:3``) is used in error messages.
-
-    ``edit_options``: accept ``--m``, ``--rcm_th``, ``--rcm_rel_th``, ``--rcm_ks``, ``--rcm_ds`` (generate
-    prompt files; whether the model takes them is checked by the caller).
-
-    ``g_is_cfg``: in generate prompt files ``--g`` and ``--l`` both set the CFG scale; in training sample
-    files (Musubi's convention) ``--g`` is the embedded guidance, unused by these models, and only
-    ``--l`` sets CFG.
-    """
+def parse_prompt_line(line: str, source: str = "<prompt>") -> PromptLine:
+    """Parse one line; ``source`` (e.g. ``prompts.txt:3``) is used in error messages."""
     parts = _OPTION_SPLIT.split(" " + line.strip())
     result = PromptLine(prompt=parts[0].strip(), source=source)
+    cfg: dict[str, float] = {}
     for part in parts[1:]:
         key, _, value = part.partition(" ")
         key, value = key.strip().lower(), value.strip()
         try:
             if key in _INT_OPTIONS:
                 setattr(result, _INT_OPTIONS[key], int(value))
-            elif key == "g" and not g_is_cfg:
-                if not math.isfinite(float(value)):  # validated, then ignored (embedded guidance)
-                    raise UserError(f"{source}: option --g expects a finite number, found {value!r}")
+            elif key in _CFG_OPTIONS:
+                cfg[key] = float(value)
             elif key in _FLOAT_OPTIONS:
                 setattr(result, _FLOAT_OPTIONS[key], float(value))
             elif key == "n":
                 result.negative_prompt = value
             elif key == "ci":
                 result.control_images.append(value)
-            elif edit_options and key in _EDIT_INT_OPTIONS:
+            elif key in _EDIT_INT_OPTIONS:
                 setattr(result, _EDIT_INT_OPTIONS[key], int(value))
-            elif edit_options and key in _EDIT_FLOAT_OPTIONS:
+            elif key in _EDIT_FLOAT_OPTIONS:
                 setattr(result, _EDIT_FLOAT_OPTIONS[key], float(value))
-            elif edit_options and key == "m":
+            elif key == "m":
                 if not value:
                     raise UserError(f"{source}: option --m expects a mask file path")
                 result.mask_path = value
-            elif edit_options and key == "rcm_rel_th":
+            elif key == "rcm_rel_th":
                 if value.lower() not in (*_TRUE, *_FALSE):
                     raise UserError(f"{source}: option --rcm_rel_th expects 1/true/yes or 0/false/no, found {value!r}")
                 result.rcm_relative_threshold = value.lower() in _TRUE
             else:
-                known = sorted([*_INT_OPTIONS, *_FLOAT_OPTIONS, "n", "ci", *(_EDIT_OPTIONS if edit_options else [])])
+                known = sorted([*_INT_OPTIONS, *_CFG_OPTIONS, *_FLOAT_OPTIONS, "n", "ci", *_EDIT_OPTIONS])
                 raise UserError(f"{source}: unknown option --{key} (known: {', '.join('--' + k for k in known)})")
         except ValueError:
             raise UserError(f"{source}: option --{key} expects a number, found {value!r}") from None
+    result.guidance_scale = _one_cfg_scale(cfg.get("g"), cfg.get("l"), source, ("--g", "--l"))
     return check_values(result)
 
 
-def read_prompt_file(path: str, *, fallback_prompt: bool = False) -> list[PromptLine]:
-    """All prompt lines of ``--from_file`` (UTF-8, or UTF-16/32 with a BOM).
+def _one_cfg_scale(g: float | None, l_value: float | None, source: str, names: tuple[str, str]) -> float | None:
+    """The CFG scale of a line from ``--g`` and ``--l`` (``guidance_scale`` / ``cfg_scale`` in TOML/JSON)."""
+    if g is not None and l_value is not None and g != l_value:
+        logger.warning("%s: %s %s and %s %s both set the CFG scale; %s %s is used", source, names[0], g,
+                       names[1], l_value, names[1], l_value)
+    return l_value if l_value is not None else g
 
-    ``fallback_prompt``: lines with options but no text are allowed (the caller has ``--prompt``).
+
+# TOML/JSON keys (Musubi's names) -> PromptLine fields; guidance_scale / cfg_scale are --g / --l
+_TABLE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
+               "seed": "seed", "sample_steps": "steps", "discrete_flow_shift": "flow_shift",
+               "frame_count": "frame_count", "control_image_path": "control_images", "image_path": None,
+               "guidance_scale": None, "cfg_scale": None}
+
+
+def _from_table(entry: object, source: str) -> PromptLine:
+    if not isinstance(entry, dict):
+        raise UserError(f"{source}: expected a prompt string or a table of settings, found {entry!r}")
+    line = PromptLine(prompt="", source=source)
+    for key, value in entry.items():
+        if key not in _TABLE_KEYS:
+            raise UserError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(_TABLE_KEYS))})")
+        if _TABLE_KEYS[key]:
+            setattr(line, _TABLE_KEYS[key], list(value) if key == "control_image_path" else value)
+    if not isinstance(line.prompt, str):
+        raise UserError(f"{source}: prompt must be a string, found {line.prompt!r}")
+    line.guidance_scale = _one_cfg_scale(entry.get("guidance_scale"), entry.get("cfg_scale"), source,
+                                         ("guidance_scale", "cfg_scale"))
+    return check_values(line)
+
+
+def _entries(path: str, flag: str) -> list[PromptLine]:
+    """Every prompt of the file, parsed (text still unchecked)."""
+    file = Path(path)
+    text = read_text(file, flag, "prompt file (.txt, .toml or .json)")
+    if file.suffix == ".toml":
+        import toml
+
+        try:
+            data = toml.loads(text).get("prompt", {})
+        except toml.TomlDecodeError as exc:
+            raise UserError(f"{flag}: {path} is not valid TOML ({exc})") from None
+        shared = {k: v for k, v in data.items() if k != "subset"}
+        return [_from_table({**shared, **sub}, f"{path}:subset {i}") for i, sub in enumerate(data.get("subset", []))]
+    if file.suffix == ".json":
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{flag}: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(entries, list):
+            raise UserError(f"{flag}: {path}: expected a JSON list of prompts")
+        return [parse_prompt_line(e, f"{path}[{i}]") if isinstance(e, str) else _from_table(e, f"{path}[{i}]")
+                for i, e in enumerate(entries)]
+    lines = [(n, raw.strip()) for n, raw in numbered_lines(text)]
+    return [parse_prompt_line(t, f"{path}:{n}") for n, t in lines if t and not t.startswith("#")]
+
+
+def read_prompt_file(path: str, flag: str = "--from_file", *, fallback_prompt: bool = False) -> list[PromptLine]:
+    """All prompts of ``--from_file`` or ``--sample_prompts``: ``.txt`` lines (UTF-8, or UTF-16/32 with a
+    BOM), ``.toml`` or ``.json``.
+
+    ``fallback_prompt``: prompts with options but no text are allowed (the caller has ``--prompt``).
     """
-    lines = []
-    for number, raw in numbered_lines(read_text(path, "--from_file", "prompt text file")):
-        text = raw.strip()
-        if not text or text.startswith("#"):
-            continue
-        line = parse_prompt_line(text, f"{path}:{number}", edit_options=True)
-        lines.append(line if fallback_prompt else require_text(line))
+    lines = _entries(path, flag)
     if not lines:
-        raise UserError(f"--from_file: {path} contains no prompt (only blank or # lines)")
-    return lines
+        raise UserError(f"{flag}: {path} contains no prompt (only blank or # lines)")
+    return lines if fallback_prompt else [require_text(line) for line in lines]

@@ -1,102 +1,43 @@
-"""Sampling during training: the prompt file (.txt lines, .toml, .json), encoded once, and the images.
+"""Sampling during training: the generate scripts' jobs and rendering, plus what training needs besides.
 
-Settings per prompt follow the family's real inference defaults (Qwen-Image: resolution-dependent
-shift and guidance 4.0; Z-Image: shift 3.0 and guidance 0.0) unless the prompt sets them; Musubi uses
-a fixed shift of 14.5 for Qwen-Image samples. Sizes must be multiples of 16 (an error names the
-prompt); Musubi rounds to 8, which the packed latents cannot use.
+The prompt file is read by the generate scripts' reader (:func:`tsumugi.sample.prompt_lines.read_prompt_file`),
+each prompt becomes a :class:`~tsumugi.sample.jobs.GenerationJob` with the generate scripts' defaults
+(edit controls sized by the official-size rule), and each image is made by
+:func:`tsumugi.sample.generate.render_job` and :func:`~tsumugi.sample.generate.save_job_png`: a sample equals
+what ``*_generate_image`` makes from the same prompt line with the weights of that step. What is training's
+own: the prompt embeddings are computed once before the DiT loads and kept in ``output_dir/sample/``, the
+VAE waits on the CPU between samples, and a prompt without ``--d`` gets a new random seed at every sample.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from tsumugi.arch.base import Architecture, ImageGeometry, PromptEmbeds
+from tsumugi.arch.base import Architecture, PromptEmbeds
 from tsumugi.caching.fingerprint import text_fingerprint
 from tsumugi.errors import UserError
-from tsumugi.preflight.text_files import numbered_lines, read_text
-from tsumugi.sample.png_output import save_png, to_pil
-from tsumugi.sample.prompt_lines import PromptLine, check_values, parse_prompt_line, require_text
-from tsumugi.sample.sampler import SamplingSettings, denoise
+from tsumugi.sample.generate import (
+    encode_job_controls,
+    encode_job_prompts,
+    prompt_keys,
+    render_job,
+    save_job_png,
+)
+from tsumugi.sample.jobs import GenerationJob, JobDefaults, build_jobs, job_parameters, random_seed
+from tsumugi.sample.prompt_lines import PromptLine, read_prompt_file
 
 logger = logging.getLogger(__name__)
 
-_TOML_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
-              "seed": "seed", "sample_steps": "steps", "cfg_scale": "guidance_scale",
-              "discrete_flow_shift": "flow_shift", "frame_count": "frame_count", "guidance_scale": None,
-              "control_image_path": "control_images", "image_path": None}
 
-
-def _from_dict(entry: dict, source: str) -> PromptLine:
-    if not isinstance(entry, dict):
-        raise UserError(f"{source}: expected a prompt string or a table of settings, found {entry!r}")
-    line = PromptLine(prompt="", source=source)
-    for key, value in entry.items():
-        if key not in _TOML_KEYS:
-            raise UserError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(_TOML_KEYS))})")
-        if _TOML_KEYS[key]:
-            setattr(line, _TOML_KEYS[key], list(value) if key == "control_image_path" else value)
-    if not isinstance(line.prompt, str):
-        raise UserError(f"{source}: prompt must be a string, found {line.prompt!r}")
-    return require_text(check_values(line))
-
-
-def read_sample_prompts(path: str) -> list[PromptLine]:
-    """Prompts of a ``.txt`` (one prompt line each), ``.toml`` ([prompt] + [[prompt.subset]]) or ``.json`` file."""
-    file = Path(path)
-    text = read_text(file, "--sample_prompts", "prompt file (.txt, .toml or .json)")
-    if file.suffix == ".toml":
-        import toml
-
-        try:
-            data = toml.loads(text).get("prompt", {})
-        except toml.TomlDecodeError as exc:
-            raise UserError(f"--sample_prompts: {path} is not valid TOML ({exc})") from None
-        shared = {k: v for k, v in data.items() if k != "subset"}
-        return [_from_dict({**shared, **sub}, f"{path}:subset {i}") for i, sub in enumerate(data.get("subset", []))]
-    if file.suffix == ".json":
-        try:
-            entries = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--sample_prompts: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(entries, list):
-            raise UserError(f"--sample_prompts: {path}: expected a JSON list of prompts")
-        return [require_text(parse_prompt_line(e, f"{path}[{i}]", g_is_cfg=False)) if isinstance(e, str)
-                else _from_dict(e, f"{path}[{i}]") for i, e in enumerate(entries)]
-    lines = [(n, raw.strip()) for n, raw in numbered_lines(text)]
-    return [require_text(parse_prompt_line(t, f"{path}:{n}", g_is_cfg=False))
-            for n, t in lines if t and not t.startswith("#")]
-
-
-@dataclass
-class SamplePlan:
-    line: PromptLine
-    index: int
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    negative: str
-
-
-def plan_samples(arch: Architecture, lines: list[PromptLine]) -> list[SamplePlan]:
-    plans = []
-    for index, line in enumerate(lines):
-        width, height = line.width or 256, line.height or 256
-        if width % 16 or height % 16:
-            raise UserError(f"{line.source}: sample size {width}x{height} must be multiples of 16")
-        guidance = arch.default_guidance_scale if line.guidance_scale is None else line.guidance_scale
-        negative = arch.default_negative_prompt if line.negative_prompt is None else line.negative_prompt
-        steps = min(max(line.steps or 20, 1), 1000)
-        plans.append(SamplePlan(line, index, width, height, steps, guidance, negative))
-    return plans
+def sample_jobs(arch: Architecture, lines: list[PromptLine], version: str = "original") -> list[GenerationJob]:
+    """The jobs of training samples: the generate defaults, controls sized by the official-size rule."""
+    return build_jobs(arch, lines, JobDefaults(resize_mode="official"), version)
 
 
 class TrainingSampler:
@@ -111,22 +52,22 @@ class TrainingSampler:
     def __init__(self, arch: Architecture, args, device: torch.device, text_encoder_dtype: torch.dtype | None = None,
                  is_main: bool = True) -> None:
         self.arch, self.args, self.device, self._is_main = arch, args, device, is_main
-        lines = read_sample_prompts(args.sample_prompts)
-        self.model_version = self.check_controls(arch, args, lines)
-        self.plans = plan_samples(arch, lines)
+        self.lines = read_prompt_file(args.sample_prompts, "--sample_prompts")
+        self.model_version = self.check_controls(arch, args, self.lines)
+        self.jobs = sample_jobs(arch, self.lines, self.model_version)
         if not args.vae:
             raise UserError("--sample_prompts needs --vae to decode the samples")
         self.directory = Path(args.output_dir) / "sample"
-        self.controls = {p.index: self._load_controls(p.line) for p in self.plans if p.line.control_images}
-        self.embeds: dict[str, PromptEmbeds] = {}
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        """The generate scripts' default DiT dtype on this device: the noise is drawn in it (Qwen-Image)."""
+        self.embeds: dict[tuple, PromptEmbeds] = {}
         self.vae = None
         if not is_main:
             return
-        texts = list(dict.fromkeys(self._key(p, t) for p in self.plans for t in (p.line.prompt, p.negative)))
-        embeds = self._cached_embeddings(texts)
+        keys = prompt_keys(arch, self.jobs)
+        embeds = self._cached_embeddings(keys)
         if embeds is None:
-            dtype = text_encoder_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-            embeds = self._encode(texts, dtype)
+            embeds = self._encode(keys, text_encoder_dtype or self.dtype)
         self.embeds = embeds
         self.vae = self.arch.load_vae(self.args.vae, device="cpu")
 
@@ -147,41 +88,33 @@ class TrainingSampler:
             )
         return version
 
-    def _load_controls(self, line: PromptLine) -> tuple[list, list, str]:
-        """(VAE inputs, VL inputs, identity) of a line's controls, sized by the official-size rule caching uses."""
+    def _cache_name(self, key: tuple) -> str:
+        """Name of an embedding in the cache file: the text, plus the control files it is encoded with."""
+        text, control_key = key
+        if control_key is None:
+            return text_fingerprint(text)
         from tsumugi.caching.fingerprint import file_fingerprint
-        from tsumugi.sample.edit import load_control_image, log_version_limits, official_control_images
 
-        log_version_limits(self.model_version, len(line.control_images), line.source)
-        pairs = [official_control_images(load_control_image(p, line.source)) for p in line.control_images]
-        vl = [pair[1] for pair in pairs]
-        if self.model_version == "edit":
-            vl = vl[:1]
-        identity = "|".join(file_fingerprint(p) for p in line.control_images)
-        return [pair[0] for pair in pairs], vl, f"{self.model_version}:{identity}"
-
-    def _key(self, plan: SamplePlan, text: str) -> str:
-        """Embedding key: the text, plus the control images it is encoded with (edit samples)."""
-        if plan.index not in self.controls:
-            return text
-        return f"{text}\x00controls:{self.controls[plan.index][2]}"
+        job = next(j for j in self.jobs if j.control_key == control_key)
+        identity = "|".join(file_fingerprint(p) for p in job.control_paths)
+        return text_fingerprint(f"{text}\x00controls:{self.model_version}:{identity}")
 
     def _cache_file(self) -> Path:
         return self.directory / f".{self.arch.name}_prompt_embeds.safetensors"
 
-    def _cached_embeddings(self, texts: list[str]) -> dict[str, PromptEmbeds] | None:
+    def _cached_embeddings(self, keys: list[tuple]) -> dict[tuple, PromptEmbeds] | None:
         """Embeddings saved by an earlier run of the same prompts with the same encoder, if any."""
         from tsumugi.caching.cache_files import read_cache_metadata
 
         meta = read_cache_metadata(self._cache_file())
-        keys = {text_fingerprint(t) for t in texts}
-        if meta is None or not keys <= set(meta):
+        names = {key: self._cache_name(key) for key in keys}
+        if meta is None or not set(names.values()) <= set(meta):
             return None
         if self.args.text_encoder and meta.get("text_encoder") != self._encoder_identity():
             return None
         tensors = load_file(str(self._cache_file()))
         logger.info("sample prompts: embeddings read from %s (no text encoder needed)", self._cache_file())
-        return {t: PromptEmbeds(tensors[text_fingerprint(t)]) for t in texts}
+        return {key: PromptEmbeds(tensors[name]) for key, name in names.items()}
 
     def _encoder_identity(self) -> str:
         from tsumugi.caching.fingerprint import model_identity
@@ -189,7 +122,7 @@ class TrainingSampler:
         fp8 = getattr(self.args, "fp8_vl", False) or getattr(self.args, "fp8_llm", False)
         return model_identity(self.args.text_encoder) + (":fp8" if fp8 else "")
 
-    def _encode(self, texts: list[str], dtype: torch.dtype) -> dict[str, PromptEmbeds]:
+    def _encode(self, keys: list[tuple], dtype: torch.dtype) -> dict[tuple, PromptEmbeds]:
         from tsumugi.caching.cache_files import write_cache_file
 
         args, arch, device = self.args, self.arch, self.device
@@ -198,23 +131,11 @@ class TrainingSampler:
         encoder = arch.load_text_encoder(args.text_encoder, dtype=dtype, device=device,
                                          fp8=getattr(args, "fp8_vl", False) or getattr(args, "fp8_llm", False))
         tokenizer = arch.load_tokenizer(getattr(args, "tokenizer", None))
-        images = {self._key(p, t): self.controls[p.index][1] for p in self.plans if p.index in self.controls
-                  for t in (p.line.prompt, p.negative)}
-        embeds = {}
-        with torch.no_grad():
-            for key in texts:
-                if key in images:
-                    text = key.split("\x00controls:")[0]
-                    (tensor,) = arch.encode_prompts_with_images(
-                        encoder, tokenizer, [text], [images[key]], self.model_version, device
-                    )
-                    embeds[key] = PromptEmbeds(tensor)
-                else:
-                    embeds[key] = arch.encode_prompts(encoder, tokenizer, [key], device)[0]
+        embeds = encode_job_prompts(arch, encoder, tokenizer, self.jobs, device, self.model_version, keys)
         del encoder
         _release(device)
-        embeds = {t: PromptEmbeds(e.embeds.detach().cpu()) for t, e in embeds.items()}  # moved per sample
-        tensors = {text_fingerprint(t): e.embeds.contiguous() for t, e in embeds.items()}
+        embeds = {k: PromptEmbeds(e.embeds.detach().cpu()) for k, e in embeds.items()}  # moved per sample
+        tensors = {self._cache_name(k): e.embeds.contiguous() for k, e in embeds.items()}
         meta = {k: "1" for k in tensors} | {"text_encoder": self._encoder_identity()}
         write_cache_file(self._cache_file(), tensors, meta)
         return embeds
@@ -230,36 +151,24 @@ class TrainingSampler:
 
     def _render(self, dit: torch.nn.Module, label: str) -> list[Path]:
         written = []
-        for plan in self.plans:
-            seed = plan.line.seed if plan.line.seed is not None else random.SystemRandom().randint(0, 2**32 - 1)
-            conditions, sizes = None, ()
-            if plan.index in self.controls:
-                from tsumugi.sample.edit import encode_controls
-
-                encoded = encode_controls(self.arch, self.vae, self.controls[plan.index][0])
-                conditions, sizes = encoded.tokens, encoded.latent_sizes
-            geometry = ImageGeometry(height=plan.height, width=plan.width, control_latent_sizes=sizes)
-            generator = torch.Generator("cpu").manual_seed(seed)
-            noise = self.arch.initial_noise(geometry, generator, torch.float32)
-            use_negative = self.arch.uses_guidance(plan.guidance)
-            settings = SamplingSettings(plan.steps, plan.guidance, plan.line.flow_shift)
-            with torch.no_grad():
-                latents = denoise(
-                    self.arch, dit, noise, self.embeds[self._key(plan, plan.line.prompt)],
-                    self.embeds[self._key(plan, plan.negative)] if use_negative else None, geometry, settings,
-                    progress=False, device=self.device, conditions=conditions,
-                )
-                image = self.arch.decode(self.vae, latents, geometry)[0]
-            stem = f"{self.args.output_name}_{label}_{plan.index:02d}_{time.strftime('%Y%m%d%H%M%S')}_{seed}"
-            params = {"prompt": plan.line.prompt, "negative_prompt": plan.negative, "seed": seed, "steps": plan.steps,
-                      "guidance_scale": plan.guidance, "flow_shift": plan.line.flow_shift or "default",
-                      "width": plan.width, "height": plan.height, "training_point": label,
-                      "model": self.arch.display_name}
-            if plan.line.control_images:
-                params["control_images"] = [Path(c).name for c in plan.line.control_images]
-            written.append(save_png(to_pil(image), self.directory, stem, params))
+        arch = self.arch
+        for index, (line, job) in enumerate(zip(self.lines, self.jobs)):
+            if line.seed is None:
+                job = replace(job, seed=random_seed())
+            encoded = encode_job_controls(arch, self.vae, job)
+            positive = self.embeds[(job.prompt, job.control_key)]
+            negative = self.embeds[(job.negative_prompt, job.control_key)] if arch.uses_guidance(job.guidance_scale) else None
+            latents = render_job(arch, dit, job, positive, negative, encoded, self.device, self.dtype, progress=False)
+            stem = f"{self.args.output_name}_{label}_{index:02d}_{time.strftime('%Y%m%d%H%M%S')}_{job.seed}"
+            params = job_parameters(arch, job) | {"training_point": label, **self._model_names()}
+            written.append(save_job_png(arch, self.vae, job, latents, self.directory, stem, params))
         logger.info("saved %d sample(s) to %s", len(written), self.directory)
         return written
+
+    def _model_names(self) -> dict[str, object]:
+        args = self.args
+        return {"dit": Path(args.dit).name if getattr(args, "dit", None) else None, "vae": Path(args.vae).name,
+                "text_encoder": Path(args.text_encoder).name if getattr(args, "text_encoder", None) else None}
 
 
 def _release(device: torch.device) -> None:
