@@ -16,12 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tsumugi import convert_lora, merge_lora
 from tsumugi.arch import get_architecture
 from tsumugi.cli.cache_args import build_cache_latents_parser, build_cache_text_parser
 from tsumugi.cli.flag_notes import NO_OP_FLAGS, help_text
 from tsumugi.cli.generate_args import build_generate_parser
-from tsumugi.cli.lora_tools_args import build_caption_parser, build_ema_parser, build_extract_parser
+from tsumugi.cli.lora_tools_args import (
+    build_caption_parser,
+    build_convert_parser,
+    build_ema_parser,
+    build_extract_parser,
+    build_merge_parser,
+)
 from tsumugi.cli.train_args import ATTENTION_FLAGS, build_train_parser, parse_train_args
 from tsumugi.data.config import ALL_DATASET_KEYS
 from tsumugi.errors import UserError
@@ -38,9 +43,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
         for parser in (build_train_parser(name, network=True), build_train_parser(name, network=False),
                        build_generate_parser(arch), build_cache_latents_parser(arch), build_cache_text_parser(arch)):
             parsers[parser.prog] = parser
-    parsers["merge_lora"] = merge_lora.build_parser()
-    parsers["convert_lora"] = convert_lora.build_parser()
-    for build in (build_extract_parser, build_ema_parser, build_caption_parser):
+    for build in (build_merge_parser, build_convert_parser, build_extract_parser, build_ema_parser, build_caption_parser):
         parser = build()
         parsers[parser.prog] = parser
     return parsers

@@ -24,18 +24,18 @@ Musubi fails on late (or silently ignores) are reported before any model is load
 from __future__ import annotations
 
 import argparse
-import copy
 import difflib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from tsumugi.cli.flag_notes import HelpFormatter
-from tsumugi.cli.generate_args import COMPILE_FLAGS, MODEL_VERSIONS, UserErrorParser, resolve_model_version
+from tsumugi.cli.common import COMPILE_FLAGS, KebabHelpFormatter, KebabParser
+from tsumugi.cli.common import add_flag as _flag
+from tsumugi.cli.common import add_option as _add
 from tsumugi.cli.train_config_file import parse_train_args  # noqa: F401  (re-exported)
 from tsumugi.errors import UserError
+from tsumugi.model_versions import MODEL_VERSIONS, resolve_model_version
 from tsumugi.train.accelerator_options import validate_logging_flags
 from tsumugi.train.lr_schedulers import LR_SCHEDULERS, steps_or_ratio
 from tsumugi.train.optimizers import (
@@ -78,48 +78,6 @@ DISPLAY_NAMES = {"qwen_image": "Qwen-Image", "zimage": "Z-Image"}
 # ---------------------------------------------------------------------------------------------- parser
 
 
-class _HelpFormatter(HelpFormatter):
-    """Also leaves the ``--kebab-case`` aliases out of ``--help``."""
-
-    def _format_action_invocation(self, action: argparse.Action) -> str:
-        shown = [s for s in action.option_strings if not _is_hyphen_alias(s, action.option_strings)]
-        if shown and len(shown) != len(action.option_strings):
-            action = copy.copy(action)
-            action.option_strings = shown
-        return super()._format_action_invocation(action)
-
-
-def _is_hyphen_alias(option: str, options: Sequence[str]) -> bool:
-    return option.startswith("--") and "-" in option[2:] and "--" + option[2:].replace("-", "_") in options
-
-
-class _TrainParser(UserErrorParser):
-    def _get_option_tuples(self, option_string: str):  # type: ignore[override]
-        # '--blocks' matches '--blocks_to_swap' and its alias '--blocks-to-swap': one flag, not ambiguous
-        seen: set[int] = set()
-        unique = []
-        for item in super()._get_option_tuples(option_string):
-            if id(item[0]) not in seen:
-                seen.add(id(item[0]))
-                unique.append(item)
-        return unique
-
-
-def _add(group: Any, *names: str, **kwargs: Any) -> argparse.Action:
-    """``add_argument`` with a ``--kebab-case`` alias for each ``--snake_case`` name."""
-    options: list[str] = []
-    for name in names:
-        options.append(name)
-        alias = "--" + name[2:].replace("_", "-")
-        if alias != name:
-            options.append(alias)
-    return group.add_argument(*options, **kwargs)
-
-
-def _flag(group: Any, name: str, help: str | None = None) -> argparse.Action:
-    return _add(group, name, action="store_true", help=help)
-
-
 def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentParser:
     """Parser of ``<arch>_train_network`` (``network=True``) or ``<arch>_train`` (full fine-tune)."""
     if arch_name not in ARCH_NAMES:
@@ -129,11 +87,11 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
     qwen = arch_name == "qwen_image"
     display = "Qwen-Image" if qwen else "Z-Image"
     kind = "LoRA training" if network else "full fine-tuning"
-    parser = _TrainParser(
+    parser = KebabParser(
         prog=f"{arch_name}_{SCRIPT_SUFFIX[network]}",
         description=f"{display} {kind} with Musubi Tuner's flags. Every --snake_case flag also accepts "
         "--kebab-case. Values from --config_file replace the defaults; the command line wins.",
-        formatter_class=_HelpFormatter,
+        formatter_class=KebabHelpFormatter,
         allow_abbrev=True,
     )
     parser.set_defaults(arch_name=arch_name, network_training=network)

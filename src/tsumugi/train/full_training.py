@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from tsumugi.cli.train_args import build_train_parser, parse_train_args, validate_train_args
 from tsumugi.counts import format_count
 from tsumugi.train.lora_metadata import lora_metadata
 from tsumugi.train.run_setup import (
@@ -110,9 +109,3 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
                         state_module=dit, tracker_name="fine-tuning", fused=fused,
                         before_step=before_step)
 
-
-def train_full_main(arch_name: str, argv: list[str] | None = None) -> int:
-    parser = build_train_parser(arch_name, network=False)
-    args = validate_train_args(parse_train_args(parser, argv))
-    train_full(arch_name, args)
-    return 0

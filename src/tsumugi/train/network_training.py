@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from tsumugi.cli.train_args import build_train_parser, parse_train_args, validate_train_args
 from tsumugi.errors import UserError
 from tsumugi.train.lora_metadata import lora_metadata
 from tsumugi.train.run_setup import (
@@ -91,9 +90,3 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
                         lr_scheduler=lr_scheduler, save_weights=save_weights, trainable=network,
                         state_module=network, tracker_name="network_train", after_step=after_step)
 
-
-def train_network_main(arch_name: str, argv: list[str] | None = None) -> int:
-    parser = build_train_parser(arch_name, network=True)
-    args = validate_train_args(parse_train_args(parser, argv))
-    train_network(arch_name, args)
-    return 0

@@ -136,7 +136,7 @@ class TrainingSampler:
         with_controls = [line.source for line in lines if line.control_images]
         if not with_controls:
             return "original"
-        from tsumugi.cli.generate_args import resolve_model_version
+        from tsumugi.model_versions import resolve_model_version
         from tsumugi.sample.edit import EDIT_VERSIONS
 
         version = resolve_model_version(args) if getattr(arch, "name", None) == "qwen_image" else "original"

@@ -12,10 +12,10 @@ import torch
 from tsumugi.arch import get_architecture
 from tsumugi.arch.base import Architecture
 from tsumugi.cli.cache_args import build_cache_latents_parser, build_cache_text_parser
-from tsumugi.cli.generate_args import resolve_model_version
 from tsumugi.data.config import DatasetConfig, load_dataset_config
 from tsumugi.data.problems import short_list
 from tsumugi.errors import UserError
+from tsumugi.model_versions import resolve_model_version
 from tsumugi.preflight.runs import check_caching
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Script bodies: parse flags, build the run configuration, call the library."""
