@@ -27,7 +27,8 @@ from tsumugi.cli.lora_tools_args import (
     build_extract_parser,
     build_merge_parser,
 )
-from tsumugi.cli.train_args import ATTENTION_FLAGS, build_train_parser, parse_train_args
+from tsumugi.cli.train_config_file import parse_train_args
+from tsumugi.cli.train_parser import ATTENTION_FLAGS, build_train_parser
 from tsumugi.data.config import ALL_DATASET_KEYS
 from tsumugi.errors import UserError
 from tsumugi.train.run_setup import REFUSED_FLAGS, refuse_unsupported

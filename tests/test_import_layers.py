@@ -55,9 +55,9 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     """The parser of imports finds each spelling of an import of cli/ (top level, in a function, from-package)."""
     probe = tmp_path / "probe.py"
     probe.write_text("import tsumugi.cli.entry\n"
-                     "def f():\n    from tsumugi.cli.train_args import build_train_parser\n"
+                     "def f():\n    from tsumugi.cli.train_parser import build_train_parser\n"
                      "from tsumugi import commands\n"
                      "from tsumugi.train import trainer\n", encoding="utf-8")
     names = [name for _, name in imported_modules(probe)]
-    assert "tsumugi.cli.entry" in names and "tsumugi.cli.train_args" in names and "tsumugi.commands" in names
+    assert "tsumugi.cli.entry" in names and "tsumugi.cli.train_parser" in names and "tsumugi.commands" in names
     assert "tsumugi.train" in names and not any(n.startswith(UPPER) for n in names if n.startswith("tsumugi.train"))

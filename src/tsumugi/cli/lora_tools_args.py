@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from tsumugi.cli.common import UserErrorParser
-from tsumugi.cli.train_args import LORA_FORMATS
+from tsumugi.cli.train_parser import LORA_FORMATS
 
 SAVE_PRECISIONS = ("float", "fp32", "fp16", "bf16")
 # --save_dtype of merge_lora

@@ -118,7 +118,7 @@ def _unknown_key_message(raw_key: str, key: str, path: Path, parser: argparse.Ar
 
 
 def _scripts_accepting(key: str) -> list[str]:
-    from tsumugi.cli.train_args import ARCH_NAMES, build_train_parser  # the parsers of every training script
+    from tsumugi.cli.train_parser import ARCH_NAMES, build_train_parser  # every training parser
 
     found = []
     for arch in ARCH_NAMES:

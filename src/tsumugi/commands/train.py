@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tsumugi.cli.train_args import build_train_parser, parse_train_args, validate_train_args
+from tsumugi.cli.train_config_file import parse_train_args
+from tsumugi.cli.train_parser import build_train_parser
+from tsumugi.cli.train_validation import validate_train_args
 from tsumugi.train.full_training import train_full
 from tsumugi.train.network_training import train_network
 
