@@ -44,8 +44,7 @@ def parse_train_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
             raise UserError(_unknown_key_message(raw_key, key, path, parser, list(actions)))
         from_file[key] = _coerce(action, value, raw_key, path)
     args = parser.parse_args(argv, namespace=argparse.Namespace(**from_file))
-    args.config_file = str(path)
-    return args
+    return argparse.Namespace(**{**vars(args), "config_file": str(path)})
 
 
 def _config_path(name: str) -> Path:

@@ -2,7 +2,8 @@
 
 :func:`validate_train_args` turns impossible combinations into :class:`UserError` naming the flags; it
 also resolves ``--mixed_precision`` (from accelerate when omitted), the attention mode (``attn_mode``), the
-Qwen-Image model version and the saved LoRA layout (``lora_layout``).
+Qwen-Image model version and the saved LoRA layout (``lora_layout``), and returns the checked flags as a
+frozen :class:`tsumugi.train.config.TrainConfig` (the parsed namespace is left as it was).
 
 Differences from Musubi (all deliberate): no attention flag means ``--sdpa`` (Musubi stops with an
 error); ``--dim_from_weights`` requires ``--network_weights`` (the rank comes from those weights; Musubi's
@@ -21,6 +22,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from tsumugi.cli.train_parser import (
     ARCH_NAMES,
@@ -34,8 +36,9 @@ from tsumugi.cli.train_parser import (
     SCRIPT_SUFFIX,
 )
 from tsumugi.errors import UserError
-from tsumugi.model_versions import resolve_model_version
+from tsumugi.model_versions import EDIT_VERSIONS, resolve_model_version
 from tsumugi.train.accelerator_options import validate_logging_flags
+from tsumugi.train.config import TrainConfig
 from tsumugi.train.lr_schedulers import LR_SCHEDULERS
 from tsumugi.train.optimizers import (
     is_schedule_free,
@@ -50,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 def resolve_mixed_precision(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str:
     """``--mixed_precision`` when given, else accelerate's (``ACCELERATE_MIXED_PRECISION``, set by
-    ``accelerate launch``), else ``no``. Sets and returns ``args.mixed_precision``."""
+    ``accelerate launch``), else ``no``."""
     environ = os.environ if environ is None else environ
     value = getattr(args, "mixed_precision", None)
     if value is None:
@@ -67,32 +70,28 @@ def resolve_mixed_precision(args: argparse.Namespace, environ: Mapping[str, str]
             logger.info("--mixed_precision taken from accelerate: %s", value)
     elif value not in MIXED_PRECISIONS:
         raise UserError(f"--mixed_precision: {value!r} is not one of {', '.join(MIXED_PRECISIONS)}")
-    args.mixed_precision = value
     return value
 
 
-def resolve_attention(args: argparse.Namespace) -> str:
-    """Sets ``args.attn_mode`` (``torch``, ``flash``, ``xformers``, ``flash3``); no flag means ``--sdpa``;
-    with several, Musubi's precedence sdpa > flash_attn > sage_attn > xformers > flash3 picks one and the
-    other flags are switched off (with a warning)."""
+def resolve_attention(args: argparse.Namespace) -> dict[str, Any]:
+    """The attention fields of the configuration: ``attn_mode`` (``torch``, ``flash``, ``xformers``,
+    ``flash3``) and each attention flag, only the chosen one on. No flag means ``--sdpa``; with several,
+    Musubi's precedence sdpa > flash_attn > sage_attn > xformers > flash3 picks one and the other flags are
+    switched off (with a warning)."""
     if getattr(args, "sage_attn", False):
         raise UserError(
             "--sage_attn: SageAttention cannot be used for training; use --sdpa (default), --flash_attn or --xformers"
         )
     given = [dest for dest, _ in ATTENTION_FLAGS if getattr(args, dest, False)]
     if not given:
-        args.sdpa = True
         given = ["sdpa"]
         logger.info("no attention flag given: using --sdpa")
     chosen = given[0]
     if len(given) > 1:
         logger.warning("several attention flags (%s): using --%s", ", ".join("--" + d for d in given), chosen)
-        for dest in given[1:]:
-            setattr(args, dest, False)
-    args.attn_mode = dict(ATTENTION_FLAGS)[chosen]
     if chosen == "flash3" and getattr(args, "arch_name", None) == "qwen_image":
         raise UserError("--flash3 cannot be used with Qwen-Image; use --sdpa, --flash_attn or --xformers")
-    return args.attn_mode
+    return {"attn_mode": dict(ATTENTION_FLAGS)[chosen], **{dest: dest == chosen for dest, _ in ATTENTION_FLAGS}}
 
 
 def resolve_lora_layout(arch_name: str, lora_format: str) -> str:
@@ -111,10 +110,10 @@ def _positive(args: argparse.Namespace, dest: str, minimum: int = 1) -> None:
         raise UserError(f"--{dest}: must be >= {minimum}, got {value}")
 
 
-def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> argparse.Namespace:
-    """Reject impossible flag combinations (one :class:`UserError` naming the flags) and resolve derived
-    values in place: ``mixed_precision``, ``attn_mode``, ``model_version``/``is_edit``/``is_layered``
-    (Qwen-Image), ``lora_layout`` (LoRA). Returns ``args``."""
+def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> TrainConfig:
+    """Reject impossible flag combinations (one :class:`UserError` naming the flags) and return the run
+    configuration: the flags plus the derived ``mixed_precision``, ``attn_mode``, ``model_version``/
+    ``is_edit``/``is_layered`` (Qwen-Image) and ``lora_layout`` (LoRA). ``args`` is not changed."""
     arch = getattr(args, "arch_name", "qwen_image")
     network = getattr(args, "network_training", hasattr(args, "network_module"))
     script = f"{arch}_{SCRIPT_SUFFIX[bool(network)]}"
@@ -132,8 +131,10 @@ def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | N
         if not args.output_name:
             raise UserError("--output_name is required (base name of the saved files)")
 
+    derived: dict[str, Any] = {}  # fields whose value differs from the parsed flag's (or that no flag sets)
+
     # precision
-    mixed = resolve_mixed_precision(args, environ)
+    mixed = derived["mixed_precision"] = resolve_mixed_precision(args, environ)
     if getattr(args, "full_bf16", False) and mixed != "bf16":
         raise UserError(f"--full_bf16 needs --mixed_precision bf16 (got --mixed_precision {mixed})")
 
@@ -143,8 +144,7 @@ def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | N
             raise UserError("--fp8_scaled needs --fp8_base")
     elif args.fp8_base or args.fp8_scaled:
         logger.warning("--fp8_base/--fp8_scaled are not supported for full fine-tuning; turned off")
-        args.fp8_base = False
-        args.fp8_scaled = False
+        derived.update(fp8_base=False, fp8_scaled=False)
 
     # memory
     if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
@@ -178,7 +178,7 @@ def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | N
                         "parameter's device before the optimizer step; the flag changes nothing")
 
     # attention and compile
-    resolve_attention(args)
+    derived.update(resolve_attention(args))
     if args.compile_fullgraph and args.split_attn:
         raise UserError("--compile_fullgraph cannot be combined with --split_attn")
 
@@ -263,15 +263,13 @@ def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | N
                 f"--base_weights_multiplier has {len(multipliers)} values but --base_weights has "
                 f"{len(args.base_weights or [])} files; give one multiplier per file"
             )
-        args.lora_layout = resolve_lora_layout(arch, args.lora_format)
+        derived["lora_layout"] = resolve_lora_layout(arch, args.lora_format)
 
     # architecture specifics
     if arch == "qwen_image":
         version = resolve_model_version(args)
-        args.model_version = version
-        args.is_edit = version in ("edit", "edit-2509", "edit-2511")
-        args.is_layered = version == "layered"
-        if args.remove_first_image_from_target and not args.is_layered:
+        derived.update(model_version=version, is_edit=version in EDIT_VERSIONS, is_layered=version == "layered")
+        if args.remove_first_image_from_target and version != "layered":
             raise UserError(
                 f"--remove_first_image_from_target needs --model_version layered (got --model_version {version})"
             )
@@ -281,7 +279,7 @@ def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | N
     if network:
         _check_network_family(args.network_module, arch)
     validate_logging_flags(args)
-    return args
+    return TrainConfig.from_flags({**vars(args), **derived})
 
 
 def _check_network_family(module: str, arch: str) -> None:

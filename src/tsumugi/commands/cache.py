@@ -35,9 +35,12 @@ def _setup(arch: Architecture, args: argparse.Namespace) -> tuple[str, str, list
     if args.disable_cudnn_backend:
         torch.backends.cudnn.enabled = False
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.num_workers is None:
-        args.num_workers = max(1, (os.cpu_count() or 2) - 1)
     return version, arch_code, datasets, device
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """``--num_workers``, default: one thread fewer than the CPU count."""
+    return args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
 
 
 def _preview(datasets: list[DatasetConfig], args: argparse.Namespace) -> int:
@@ -83,7 +86,7 @@ def cache_latents_main(arch_name: str, argv: list[str] | None = None) -> int:
     report = cache_latents(
         arch, arch_code, datasets, vae,
         vae_identity=model_identity(args.vae), model_version=version, batch_size=args.batch_size,
-        num_workers=args.num_workers, skip_existing=args.skip_existing, keep_cache=args.keep_cache,
+        num_workers=_workers(args), skip_existing=args.skip_existing, keep_cache=args.keep_cache,
     )
     _report("latent", report)
     return 0
@@ -109,7 +112,7 @@ def cache_text_main(arch_name: str, argv: list[str] | None = None) -> int:
     report = cache_text_outputs(
         arch, arch_code, datasets, text_encoder, arch.load_tokenizer(args.tokenizer),
         encoder_identity=identity, model_version=version, device=device, batch_size=args.batch_size,
-        num_workers=args.num_workers, skip_existing=args.skip_existing, keep_cache=args.keep_cache,
+        num_workers=_workers(args), skip_existing=args.skip_existing, keep_cache=args.keep_cache,
     )
     _report("text-encoder", report)
     return 0

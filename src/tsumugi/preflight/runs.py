@@ -61,7 +61,7 @@ def check_training_numbers(args: argparse.Namespace) -> None:
 
 def check_training(arch: str, args: argparse.Namespace) -> None:
     """``*_train_network`` / ``*_train``: numbers, DiT, sample models and prompts, LoRA inputs, output folders."""
-    network = hasattr(args, "network_dim")
+    network = getattr(args, "network_training", hasattr(args, "network_dim"))
     check_training_numbers(args)
     dit = check_model(args.dit, arch, "dit", "--dit")
     if args.dataset_config:

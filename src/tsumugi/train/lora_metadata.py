@@ -4,13 +4,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from tsumugi.data.config import DatasetConfig
+from tsumugi.train.config import TrainConfig
 
 BASE_MODEL_VERSION = {"original": "qwen_image", "edit": "qwen_image_edit", "edit-2509": "qwen_image_edit",
                       "edit-2511": "qwen_image_edit", "layered": "qwen_image_layered"}
@@ -40,7 +40,7 @@ def _dataset_summary(datasets: list[DatasetConfig]) -> str:
 
 
 def lora_metadata(
-    args: argparse.Namespace,
+    args: TrainConfig,
     arch_name: str,
     model_version: str,
     datasets: list[DatasetConfig],
@@ -85,7 +85,7 @@ def lora_metadata(
             ss_gradient_checkpointing=args.gradient_checkpointing,
             ss_gradient_accumulation_steps=args.gradient_accumulation_steps,
             ss_network_dropout=getattr(args, "network_dropout", None),
-            ss_full_bf16=getattr(args, "full_bf16", None),
+            ss_full_bf16=None if network else getattr(args, "full_bf16", None),
             ss_mixed_precision=args.mixed_precision,
             ss_seed=args.seed,
             ss_training_comment=getattr(args, "training_comment", None),

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 from pathlib import Path
 
 import torch
 
 from tsumugi.errors import UserError
+from tsumugi.train.config import TrainConfig
 from tsumugi.train.lora_metadata import lora_metadata
 from tsumugi.train.run_setup import (
     COMPUTE_DTYPES,
@@ -18,6 +18,7 @@ from tsumugi.train.run_setup import (
     load_training_dit,
     max_train_steps,
     prepare_sampler,
+    recorded_flags,
     run_training,
     start_run,
 )
@@ -38,7 +39,7 @@ def import_network_module(name: str):
     raise UserError(f"--network_module: {name!r} is not a network module (known: {known})")
 
 
-def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
+def train_network(arch_name: str, args: TrainConfig) -> TrainingResult:
     """Run LoRA training; returns the final LoRA file and the step losses."""
     from tsumugi.networks.lora_save import save_lora
     from tsumugi.train.lr_schedulers import create_lr_scheduler
@@ -74,7 +75,7 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
 
     def save_weights(path: Path, progress: TrainProgress) -> None:
         meta = lora_metadata(
-            args, arch_name, run.model_version, run.datasets, session_id=run.session_id,
+            recorded_flags(run), arch_name, run.model_version, run.datasets, session_id=run.session_id,
             started_at=run.started, steps=progress.global_step, epoch=progress.epoch,
             num_batches_per_epoch=run.data.batches_per_epoch(), num_epochs=run.num_epochs,
             optimizer_name=info.metadata,

@@ -7,7 +7,7 @@ optimizer and scheduler, resume, trackers, sampling, the loop and the final save
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -35,6 +35,7 @@ from tsumugi.train.accelerator_options import (
 )
 from tsumugi.train.cached_data import CachedTrainingData
 from tsumugi.train.checkpoint_hooks import CheckpointHooks
+from tsumugi.train.config import TrainConfig
 from tsumugi.train.interrupts import StopRequest
 from tsumugi.train.optimizers import optimizer_train
 from tsumugi.train.output_lock import OutputLock
@@ -61,7 +62,7 @@ REFUSED_FLAGS = {
 }
 
 
-def refuse_unsupported(args: argparse.Namespace) -> None:
+def refuse_unsupported(args: TrainConfig) -> None:
     """Raise a :class:`UserError` naming every given flag whose feature tsumugi does not have yet."""
     given = [f"--{name} ({what})" for name, what in REFUSED_FLAGS.items()
              if getattr(args, name, None) and (name != "dynamo_backend" or str(args.dynamo_backend).upper() != "NO")]
@@ -79,7 +80,7 @@ class TrainingRun:
     """The parts of one training invocation that do not depend on what is trained."""
 
     arch: Architecture
-    args: argparse.Namespace
+    args: TrainConfig
     model_version: str
     datasets: list[DatasetConfig]
     data: CachedTrainingData
@@ -88,6 +89,9 @@ class TrainingRun:
     log_with: str | None
     num_epochs: int | None = None
     """epochs the run covers (the last may be partial); set by :func:`max_train_steps`"""
+    max_train_steps: int | None = None
+    """optimizer steps of the run (``--max_train_steps`` or from ``--max_train_epochs``); set by
+    :func:`max_train_steps`"""
     sampler: object = None
     """the :class:`~tsumugi.train.sample_prompts.TrainingSampler` from :func:`prepare_sampler`, or ``None``"""
     session_id: int = field(default_factory=lambda: random.SystemRandom().randint(0, 2**31))
@@ -114,7 +118,7 @@ class TrainingResult:
     """wall time of each step after the first (for benchmarks)"""
 
 
-def start_run(arch_name: str, args: argparse.Namespace) -> TrainingRun:
+def start_run(arch_name: str, args: TrainConfig) -> TrainingRun:
     """Check flags, datasets and caches, then create the accelerator (nothing heavy is loaded yet)."""
     from accelerate import Accelerator
 
@@ -228,13 +232,20 @@ def load_training_dit(run: TrainingRun, dtype: torch.dtype, *, trainable: bool):
 
 
 def max_train_steps(run: TrainingRun) -> int:
-    """``--max_train_steps``, or ``--max_train_epochs`` converted to steps (written back into ``args``)."""
+    """``--max_train_steps``, or ``--max_train_epochs`` converted to steps; sets ``run.max_train_steps``
+    and ``run.num_epochs``."""
     args = run.args
     per_epoch = steps_per_epoch(run.data, run.accelerator.num_processes, args.gradient_accumulation_steps)
-    if args.max_train_epochs:
-        args.max_train_steps = args.max_train_epochs * per_epoch
-    run.num_epochs = math.ceil(args.max_train_steps / per_epoch)
-    return args.max_train_steps
+    steps = args.max_train_epochs * per_epoch if args.max_train_epochs else args.max_train_steps
+    run.max_train_steps = steps
+    run.num_epochs = math.ceil(steps / per_epoch)
+    return steps
+
+
+def recorded_flags(run: TrainingRun) -> TrainConfig:
+    """The configuration as states and trackers record it: with the run's seed (drawn when ``--seed`` is
+    omitted) and its step count (from ``--max_train_epochs`` when given)."""
+    return dataclasses.replace(run.args, seed=run.seed, max_train_steps=run.max_train_steps)
 
 
 def claim_outputs(run: TrainingRun, *, network: bool) -> None:
@@ -330,11 +341,12 @@ def run_training(
 def _run_training(run: TrainingRun, *, dit, swapper, params, optimizer, lr_scheduler, save_weights, trainable,
                   tracker_name, state_module, fused, before_step, after_step) -> TrainingResult:
     args, accelerator = run.args, run.accelerator
-    max_steps = args.max_train_steps
-    state = TrainingState(accelerator, state_module, optimizer, lr_scheduler, run.identity, args)
+    max_steps = run.max_train_steps if run.max_train_steps is not None else max_train_steps(run)
+    recorded = recorded_flags(run)
+    state = TrainingState(accelerator, state_module, optimizer, lr_scheduler, run.identity, recorded)
     progress = resume_progress(run, state)
     if run.log_with:
-        accelerator.init_trackers(args.log_tracker_name or tracker_name, config=tracker_config(args),
+        accelerator.init_trackers(args.log_tracker_name or tracker_name, config=tracker_config(recorded),
                                   init_kwargs=tracker_init_kwargs(args))
     hooks = CheckpointHooks(args=args, accelerator=accelerator, state=state, save_weights=save_weights,
                             trainable=trainable, dit=dit, optimizer=optimizer, max_steps=max_steps,

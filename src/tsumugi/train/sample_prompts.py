@@ -25,6 +25,7 @@ from tsumugi.preflight.text_files import numbered_lines, read_text
 from tsumugi.sample.png_output import save_png, to_pil
 from tsumugi.sample.prompt_lines import PromptLine, check_values, parse_prompt_line, require_text
 from tsumugi.sample.sampler import SamplingSettings, denoise
+from tsumugi.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class TrainingSampler:
     load nothing. ``text_encoder_dtype`` defaults to bfloat16 on CUDA and float32 elsewhere (as caching).
     """
 
-    def __init__(self, arch: Architecture, args, device: torch.device, text_encoder_dtype: torch.dtype | None = None,
+    def __init__(self, arch: Architecture, args: TrainConfig, device: torch.device, text_encoder_dtype: torch.dtype | None = None,
                  is_main: bool = True) -> None:
         self.arch, self.args, self.device, self._is_main = arch, args, device, is_main
         lines = read_sample_prompts(args.sample_prompts)
@@ -131,7 +132,7 @@ class TrainingSampler:
         self.vae = self.arch.load_vae(self.args.vae, device="cpu")
 
     @staticmethod
-    def check_controls(arch: Architecture, args, lines: list[PromptLine]) -> str:
+    def check_controls(arch: Architecture, args: TrainConfig, lines: list[PromptLine]) -> str:
         """Model version for lines with controls (``--ci``): edit versions only; Layered is not supported yet."""
         with_controls = [line.source for line in lines if line.control_images]
         if not with_controls:
