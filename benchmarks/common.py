@@ -5,13 +5,16 @@ from __future__ import annotations
 import math
 import platform
 import resource
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tsumugi.models.components import instantiate
-from tsumugi.models.configs import released_config
+from tsumugi.models.configs import config_to_metadata, released_config
+from tsumugi.models.converters import converter
+from tsumugi.models.safetensors_io import LazyTensor, save_file_streamed
 from tsumugi.testing.tiny_models import tiny_config
 
 # "small" keeps the released structure with a few blocks of moderate width, to time on a CPU.
@@ -86,15 +89,61 @@ def random_dit_inplace(component: str, config: dict[str, Any], dtype: torch.dtyp
     return model.to(device).eval()  # the real buffers built on CPU (RoPE tables)
 
 
-def write_random_dit_file(component: str, config: dict[str, Any], path: Path) -> Path:
-    """A random bf16 DiT as a ComfyUI single file, built tensor by tensor and streamed to disk.
+def _draw_rule(module: torch.nn.Module, name: str, shape: tuple[int, ...]) -> str:
+    """How :func:`random_dit_inplace` draws a parameter: ``norm``, ``weight`` (1/fan_in) or ``other``."""
+    if "norm" in type(module).__name__.lower() and name in ("weight", "gamma"):
+        return "norm"
+    return "weight" if len(shape) >= 2 and name == "weight" else "other"
 
-    For the released sizes: never an fp32 copy (Qwen-Image would be 82 GB), at most the bf16 model in host
-    memory while it is written (41 GB), and a 41 GB file.
+
+def _draw(rule: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    value = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if rule == "norm":
+        value = value.mul_(0.02).add_(1.0)
+    elif rule == "weight":
+        value = value.div_(math.sqrt(max(math.prod(shape[1:]), 1)))
+    else:
+        value = value.mul_(0.02)
+    return value.to(dtype)
+
+
+def random_dit_lazy_tensors(component: str, config: dict[str, Any],
+                            dtype: torch.dtype = torch.bfloat16) -> dict[str, LazyTensor]:
+    """A random DiT in the ComfyUI single-file layout as :class:`LazyTensor` entries: each tensor is drawn
+    (seeded by its key, same scales as :func:`random_dit_inplace`) only when the writer asks for it, so
+    writing holds one tensor at a time, never the model.
+
+    The layout comes from the real converter run on meta tensors; tensors it computes from several
+    library tensors (Z-Image's fused ``attention.qkv``) are drawn directly at their fused shape.
     """
-    from tsumugi.models.dit_checkpoint import save_dit_checkpoint
+    model = instantiate(component, config, empty=True)  # meta device: no weights allocated
+    rules = {}
+    for prefix, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            rules[f"{prefix}.{name}" if prefix else name] = _draw_rule(module, name, tuple(param.shape))
+    meta = {k: torch.empty(v.shape, dtype=dtype, device="meta") for k, v in model.state_dict().items()}
+    source_of = {id(t): k for k, t in meta.items()}
+    out = {}
+    for key, value in converter(component).from_diffusers(meta, config).items():
+        shape = tuple(value.shape)
+        source = source_of.get(id(value))
+        rule = rules[source] if source else ("weight" if len(shape) >= 2 and key.endswith("weight") else "other")
+        seed = zlib.crc32(key.encode())
+        out[key] = LazyTensor(dtype, shape, lambda r=rule, s=shape, n=seed: _draw(r, s, n, dtype))
+    return out
 
-    draw = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = random_dit_inplace(component, config, torch.bfloat16, torch.device("cpu"), draw)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return save_dit_checkpoint(model, path, dtype=torch.bfloat16)
+
+def write_random_dit_file(component: str, config: dict[str, Any], path: Path) -> Path:
+    """A random bf16 DiT as a ComfyUI single file (with its config in the metadata), streamed to disk one
+    tensor at a time: the writer's memory is one tensor (in fp32 while drawn), not the model, so the
+    41 GB Qwen-Image file can be written on a machine with far less memory."""
+    return save_file_streamed(random_dit_lazy_tensors(component, config), path,
+                              config_to_metadata(config, component))
+
+
+def written_dit_file(component: str, config: dict[str, Any], path: Path) -> Path:
+    """``path``, written by :func:`write_random_dit_file` unless it already exists (reused across runs)."""
+    if not path.exists():
+        write_random_dit_file(component, config, path)
+    return path

@@ -11,15 +11,16 @@ mode, compiled and block-swapped as ``tsumugi.sample.generate`` does, then the r
 resolution and CFG setting. Flags other than this script's own are the generate script's (``--fp8``,
 ``--fp8_scaled``, ``--blocks_to_swap``, ``--use_pinned_memory_for_block_swap``, ``--attn_mode``,
 ``--compile`` and its options, ``--device``, ``--dit_dtype``, ``--guidance_scale``, ``--flow_shift``)
-with the same defaults: bf16 on CUDA, fp32 on CPU.
+with the same defaults: bf16 on CUDA; on the CPU bf16 for a (bf16) file, fp32 for in-place weights.
 
 CPU figures are only meaningful on an otherwise idle machine: with every core in use by torch's threads,
 any other busy process stalls each parallel operation and steps can take 10-30x longer.
 
-Weights: ``file`` writes a random DiT with ``save_component`` into ``--workdir`` once per size and loads
-it with the real loader; ``inplace`` (the default for ``--size release``) draws random weights directly
-in the DiT dtype on the load device, because a 20B-parameter file would be written from a full fp32
-model on the host (80 GB) and cost minutes of disk I/O that the per-step time does not depend on.
+Weights: ``file`` writes a random bf16 DiT into ``--workdir`` once per size (streamed, one tensor at a
+time: the model is never built on the host to write it) and loads it with the real loader onto the load
+device; ``inplace`` (the default for ``--size release``) draws random weights directly in the DiT dtype
+on the load device, because a 41 GB file costs minutes of disk I/O that the per-step time does not
+depend on.
 
 Reports the median time of the steps after the first (warm-up, compilation) per resolution, peak host
 memory (process maximum so far, so rows are cumulative) and peak device memory of that run (CUDA).
@@ -47,14 +48,14 @@ from common import (  # noqa: E402
     peak_host_gib,
     random_dit_inplace,
     text_width,
+    written_dit_file,
 )
 
 from tsumugi.arch import get_architecture  # noqa: E402
 from tsumugi.arch.base import Architecture, ImageGeometry, PromptEmbeds  # noqa: E402
 from tsumugi.cli.generate_args import build_generate_parser  # noqa: E402
-from tsumugi.sample.generate import apply_generation_memory_options  # noqa: E402
+from tsumugi.sample.generate import apply_generation_memory_options, generation_stream_options  # noqa: E402
 from tsumugi.sample.sampler import SamplingSettings, denoise  # noqa: E402
-from tsumugi.testing.tiny_models import build_random, save_component  # noqa: E402
 
 COMPONENTS = {"qwen_image": "qwen_image_dit", "zimage": "zimage_dit"}
 CFG_SCALE = 4.0
@@ -95,22 +96,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     return bench, gen
 
 
-def load_device(gen: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    """Device and DiT dtype as ``generate`` picks them: CUDA when available, bf16 there, fp32 on CPU."""
+def load_device(gen: argparse.Namespace, weights: str) -> tuple[torch.device, torch.dtype]:
+    """Device and DiT dtype as ``generate`` picks them: CUDA when available, bf16 there; on the CPU the
+    dtype of the (bf16) file for ``--weights file``, fp32 for ``inplace`` (no file)."""
     device = torch.device(gen.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if gen.dit_dtype:
         return device, getattr(torch, gen.dit_dtype)
-    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, torch.bfloat16 if device.type == "cuda" or weights == "file" else torch.float32
 
 
 def dit_file(arch: str, size: str, config: dict[str, Any], workdir: str) -> Path:
-    """The random DiT of ``size`` in the ComfyUI single-file layout, written once into ``workdir``."""
-    component = COMPONENTS[arch]
-    path = Path(workdir) / f"{arch}_{size}" / "dit.safetensors"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_component(build_random(component, config), component, "comfy", path)
-    return path
+    """The random bf16 DiT of ``size`` in the ComfyUI single-file layout, written once into ``workdir``
+    (streamed, tensor by tensor: no model on the host while it is written)."""
+    return written_dit_file(COMPONENTS[arch], config, Path(workdir) / f"{arch}_{size}" / "dit.safetensors")
+
+
+def weights_mode(bench: argparse.Namespace) -> str:
+    return bench.weights or ("inplace" if bench.size == "release" else "file")
 
 
 def prepare_dit(
@@ -121,10 +123,10 @@ def prepare_dit(
     returns it and its parameter count (before quantization)."""
     swap = bool(gen.blocks_to_swap)
     where = torch.device("cpu") if swap else device
-    weights = bench.weights or ("inplace" if bench.size == "release" else "file")
-    if weights == "file":
-        path = dit_file(bench.arch, bench.size, config, bench.workdir)
-        dit = arch.load_dit(str(path), dtype=dtype, device=where)
+    if weights_mode(bench) == "file":  # as ``generate`` loads it: fp8, LoRA and block swap placement while streaming
+        gen.dit = str(dit_file(bench.arch, bench.size, config, bench.workdir))
+        dit = arch.load_dit(gen.dit, dtype=dtype, device=device,
+                            **generation_stream_options(arch.name, gen, device, dtype))
     else:
         dit = random_dit_inplace(COMPONENTS[bench.arch], config, dtype, where, device)
     dit.requires_grad_(False)
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     arch = get_architecture(bench.arch)
     component = COMPONENTS[bench.arch]
     config = dit_config(component, bench.size)
-    device, dtype = load_device(gen)
+    device, dtype = load_device(gen, weights_mode(bench))
     dit, params = prepare_dit(arch, bench, gen, config, device, dtype)
     cfgs = bench.cfg or (["on"] if arch.uses_guidance(arch.default_guidance_scale) else ["off"])
     rows = []

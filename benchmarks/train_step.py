@@ -27,7 +27,7 @@ from common import (  # noqa: E402
     peak_device_gib,
     peak_host_gib,
     text_width,
-    write_random_dit_file,
+    written_dit_file,
 )
 
 from tsumugi.caching.cache_files import latent_key, varlen_key, write_cache_file  # noqa: E402
@@ -40,8 +40,8 @@ from tsumugi.cli.train_parser import build_train_parser  # noqa: E402
 from tsumugi.cli.train_validation import validate_train_args  # noqa: E402
 from tsumugi.data.batching import batch_key, selector_for  # noqa: E402
 from tsumugi.data.config import load_dataset_config  # noqa: E402
+from tsumugi.models.components import instantiate  # noqa: E402
 from tsumugi.testing.tiny_dataset import write_tiny_dataset  # noqa: E402
-from tsumugi.testing.tiny_models import build_random, save_component  # noqa: E402
 from tsumugi.train.full_training import train_full  # noqa: E402
 from tsumugi.train.network_training import train_network  # noqa: E402
 
@@ -67,7 +67,7 @@ def synthetic_caches(arch: str, toml: Path, width: int) -> None:
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
-def estimate_mfu(args, component: str, config: dict, params: int | None, seconds: float) -> float | None:
+def estimate_mfu(args, params: int, seconds: float) -> float | None:
     """Model FLOPs utilisation, approximated as (2 forward + 2 input-gradient [+ 2 weight-gradient with --full]
     [+ 2 recompute]) x params x tokens per step (LoRA: frozen base weights, no weight gradients; attention
     score FLOPs left out)."""
@@ -77,10 +77,6 @@ def estimate_mfu(args, component: str, config: dict, params: int | None, seconds
         peak = next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
     if peak is None:
         return None
-    if params is None:  # release size: count on the meta device, no weights allocated
-        from tsumugi.models.components import instantiate
-
-        params = sum(t.numel() for t in instantiate(component, config, empty=True).parameters())
     tokens = (args.resolution // 16) ** 2 * args.batch_size + 77 * args.batch_size
     passes = 4 + (2 if args.gradient_checkpointing else 0) + (2 if args.full else 0)
     return passes * params * tokens / seconds / (peak * 1e12)
@@ -108,12 +104,7 @@ def main() -> int:
     config = dit_config(component, args.size)
     work = Path(args.workdir) / f"{args.arch}_{args.size}"
     dit_file = work / "dit.safetensors"
-    if not dit_file.exists():
-        work.mkdir(parents=True, exist_ok=True)
-        if args.size == "release":
-            write_random_dit_file(component, config, dit_file)
-        else:
-            save_component(build_random(component, config), component, "comfy", dit_file)
+    written_dit_file(component, config, dit_file)
     toml = write_tiny_dataset(work / f"data_{args.resolution}", 4, sizes=[(args.resolution, args.resolution)],
                               resolution=args.resolution, batch_size=args.batch_size)
     synthetic_caches(args.arch, toml, text_width(component, config))
@@ -129,11 +120,10 @@ def main() -> int:
     train_args = validate_train_args(parse_train_args(parser, argv))
     result = (train_full if args.full else train_network)(args.arch, train_args)
     step = statistics.median(result.step_seconds)
-    model = build_random(component, config) if args.size != "release" else None
-    params = sum(t.numel() for t in model.parameters()) if model is not None else None
-    mfu = estimate_mfu(args, component, config, params, step)
+    params = sum(t.numel() for t in instantiate(component, config, empty=True).parameters())  # meta: no weights
+    mfu = estimate_mfu(args, params, step)
     row = {
-        "arch": args.arch, "training": "full" if args.full else "LoRA", "size": args.size, "params": f"{params / 1e6:.1f}M" if params else "release",
+        "arch": args.arch, "training": "full" if args.full else "LoRA", "size": args.size, "params": f"{params / 1e6:.1f}M",
         "resolution": args.resolution, "batch": args.batch_size, "precision": args.mixed_precision,
         "grad ckpt": args.gradient_checkpointing, "s/step": f"{step:.3f}",
         "peak host GiB": f"{peak_host_gib():.2f}",

@@ -10,6 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# block swap on the CPU makes real copies, as on a GPU, so the GPU path runs here (memory/block_swap.py)
+os.environ.setdefault("TSUMUGI_BLOCK_SWAP_CPU_COPIES", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

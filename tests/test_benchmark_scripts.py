@@ -6,12 +6,14 @@ imports from ``benchmarks/common.py`` and table output are covered, not only the
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,3 +77,54 @@ def test_startup_check_runs(tmp_path: Path) -> None:
                                  "--workdir", str(tmp_path)))
     assert [r["check"] for r in rows] == ["old", "new, cold", "new, warm"]
     assert all(float(r["wall s"]) > 0 for r in rows)
+
+
+def test_release_memory_runs_and_reuses_its_file(tmp_path: Path) -> None:
+    """The host-memory benchmark: the streamed write, then each mode in its own process; a second run
+    reuses the file (no ``write`` row)."""
+    args = ["--arch", "zimage", "--size", "small", "--blocks_to_swap", "1", "--resolution", "64",
+            "--workdir", str(tmp_path)]
+    rows = table_rows(run_script("release_memory.py", *args, "--modes", "bf16", "fp8_scaled+swap+step"))
+    assert [r["mode"] for r in rows] == ["write", "bf16", "fp8_scaled+swap+step"]
+    for row in rows:
+        assert 0 < float(row["peak anon GiB"]) <= float(row["peak RSS GiB"]), row
+        assert float(row["RSS / file"]) > 1  # at small size the interpreter and torch dwarf the file
+    assert rows[1]["step s"] == "-" and float(rows[2]["step s"]) > 0
+    assert rows[1]["target RSS / file"] == "<= 1.050" and rows[2]["target RSS / file"] == "<= 0.600"
+    assert (tmp_path / "zimage_small" / "dit.safetensors").is_file()
+
+    rows = table_rows(run_script("release_memory.py", *args, "--modes", "swap"))
+    assert [r["mode"] for r in rows] == ["swap"]
+
+
+@pytest.mark.parametrize("arch", ["qwen_image", "zimage"])
+def test_streamed_random_dit_file_has_the_comfy_layout(arch: str, tmp_path: Path) -> None:
+    """The benchmarks' streamed writer (no model held) writes the same keys, shapes and config as
+    ``save_component`` of a built model (the layout comes from the real converter there, on the real
+    tensors), and the real loader loads it."""
+    from safetensors import safe_open
+
+    from tsumugi.models.loader import load_dit
+    from tsumugi.testing.tiny_models import build_random, save_component
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from common import dit_config, write_random_dit_file
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    component = {"qwen_image": "qwen_image_dit", "zimage": "zimage_dit"}[arch]
+    config = dit_config(component, "tiny")
+    streamed = write_random_dit_file(component, config, tmp_path / "streamed.safetensors")
+    built = save_component(build_random(component, config), component, "comfy", tmp_path / "built.safetensors")
+
+    def layout(path: Path) -> tuple[dict, dict]:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata()
+
+    (streamed_shapes, streamed_meta), (built_shapes, built_meta) = layout(streamed), layout(built)
+    assert streamed_shapes == built_shapes
+    assert streamed_meta.keys() == built_meta.keys()
+    streamed_config, built_config = (json.loads(m["tsumugi.config"]) for m in (streamed_meta, built_meta))
+    assert streamed_config.items() <= built_config.items()  # the built one adds the class defaults
+    model = load_dit(streamed, arch, dtype=torch.float32)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

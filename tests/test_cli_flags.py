@@ -16,17 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tsumugi.arch import get_architecture
-from tsumugi.cli.cache_args import build_cache_latents_parser, build_cache_text_parser
+from script_parsers import script_parsers
 from tsumugi.cli.flag_notes import NO_OP_FLAGS, help_text
-from tsumugi.cli.generate_args import build_generate_parser
-from tsumugi.cli.lora_tools_args import (
-    build_caption_parser,
-    build_convert_parser,
-    build_ema_parser,
-    build_extract_parser,
-    build_merge_parser,
-)
 from tsumugi.cli.train_config_file import parse_train_args
 from tsumugi.cli.train_parser import ATTENTION_FLAGS, build_train_parser
 from tsumugi.data.config import ALL_DATASET_KEYS
@@ -37,20 +28,7 @@ from tsumugi.train.timesteps import TimestepConfig
 SRC = Path(__file__).resolve().parents[1] / "src" / "tsumugi"
 
 
-def _parsers() -> dict[str, argparse.ArgumentParser]:
-    parsers = {}
-    for name in ("qwen_image", "zimage"):
-        arch = get_architecture(name)
-        for parser in (build_train_parser(name, network=True), build_train_parser(name, network=False),
-                       build_generate_parser(arch), build_cache_latents_parser(arch), build_cache_text_parser(arch)):
-            parsers[parser.prog] = parser
-    for build in (build_merge_parser, build_convert_parser, build_extract_parser, build_ema_parser, build_caption_parser):
-        parser = build()
-        parsers[parser.prog] = parser
-    return parsers
-
-
-PARSERS = _parsers()
+PARSERS = script_parsers()
 OPTIONS = [(prog, action.dest) for prog, parser in PARSERS.items() for action in parser._actions
            if action.option_strings and action.dest != "help"]
 _SOURCE = "\n".join(p.read_text(encoding="utf-8") for p in SRC.rglob("*.py"))

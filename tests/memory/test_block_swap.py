@@ -290,3 +290,24 @@ def test_fp8_linear_buffers_are_swapped() -> None:
                 y = blk(y)
             assert torch.equal(y, ref)
     _check_trace(swapper)
+
+
+@pytest.mark.parametrize("arch", [QWEN, ZIMAGE], ids=lambda a: a.name)
+def test_on_the_cpu_loads_use_the_master_without_a_copy(arch: Arch, monkeypatch) -> None:
+    """Without TSUMUGI_BLOCK_SWAP_CPU_COPIES (which this suite sets to test the GPU path on the CPU) a CPU
+    run keeps one host copy of every weight: a load points the module at its master. Training and
+    inference give what the model without block swap gives."""
+    monkeypatch.delenv("TSUMUGI_BLOCK_SWAP_CPU_COPIES", raising=False)
+    ref_out, ref_grads, ref_fwd = _reference(arch, False)
+    dit, network = _setup(arch, gc_on=False)
+    swapper = attach_block_swap(dit, 3, "cpu", arch.name, trace=True)
+    for i in swapper.streamed:
+        swapper._ensure(i, "test", count_miss=False)
+        assert all(s.tensor.data_ptr() == s.master.data_ptr() for s in swapper._blocks[i].tensors)
+    out, grads = _step(arch, dit, network)
+    assert torch.equal(out, ref_out)
+    assert grads.keys() == ref_grads.keys() and all(torch.equal(grads[k], ref_grads[k]) for k in grads)
+    swapper.set_mode("forward")
+    with torch.no_grad():
+        assert torch.equal(arch.run(dit, arch.inputs()), ref_fwd)
+    assert swapper.stats["writebacks"] == 0

@@ -416,3 +416,19 @@ def test_scaled_mm_path_self_check_and_backward(monkeypatch: pytest.MonkeyPatch)
     failing = _layer(None)
     assert torch.equal(failing(x), failing._forward_dequant(x, torch.bfloat16))
     assert failing.scaled_mm_state is False
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("shape", [(300, 256), (37, 100)])
+def test_quantizing_in_row_chunks_equals_the_whole_weight(monkeypatch, scaled, shape):
+    """Scales are row-local, so quantizing a few rows at a time (to bound the float32 scratch while a
+    model streams in) gives the bits of quantizing the whole weight at once."""
+    from tsumugi.memory import fp8_dit
+
+    weight = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 5).to(torch.bfloat16)
+    monkeypatch.setattr(fp8_dit, "_CHUNK_ELEMENTS", 1 << 40)
+    whole_q, whole_scale = fp8_dit.quantize_weight_fp8(weight, scaled=scaled)
+    monkeypatch.setattr(fp8_dit, "_CHUNK_ELEMENTS", 3 * shape[1] + 5)  # 3 rows a chunk, a short last one
+    q, scale = fp8_dit.quantize_weight_fp8(weight, scaled=scaled)
+    assert torch.equal(q.view(torch.uint8), whole_q.view(torch.uint8))
+    assert (scale is None and whole_scale is None) or torch.equal(scale, whole_scale)

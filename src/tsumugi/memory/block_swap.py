@@ -71,9 +71,13 @@ Not handled here: gradients of trainable swapped weights stay on the device whil
 offloaded (``--fused_backward_pass`` or optimizer param patching; ``docs/design.md``, "Memory: block
 swap and fp8").
 
-Testing on CPU
---------------
-With ``device="cpu"`` the same code runs, loads being plain copies. ``placeholder=True`` replaces an
+On the CPU
+----------
+With ``device="cpu"`` the master already sits where the computation runs, so a load uses it as it is
+(no copy: the host holds each weight once, as without block swap). ``host_copies=True`` (or the
+environment variable ``TSUMUGI_BLOCK_SWAP_CPU_COPIES=1``, which the test suite sets) makes loads real
+copies on the CPU too, so the GPU path (copies, write-back of updated copies, released views) runs and
+is tested on a machine without one. ``placeholder=True`` replaces an
 offloaded tensor inside its module by a placeholder that raises on any computation, so a forward that
 uses an offloaded block fails instead of silently reading the master. ``trace=True`` records every
 load, eviction, use and miss (``BlockSwapper.trace``) and tracks the live device copies.
@@ -82,6 +86,7 @@ load, eviction, use and miss (``BlockSwapper.trace``) and tracks the live device
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -266,6 +271,7 @@ class BlockSwapper:
         mode: Mode = "train",
         placeholder: bool = False,
         trace: bool = False,
+        host_copies: bool | None = None,
     ) -> None:
         num_blocks = len(blocks)
         _check_num_swap(num_swap, num_blocks, max_swap, flag)
@@ -282,6 +288,9 @@ class BlockSwapper:
         self.h2d_only = h2d_only
         self.placeholder = placeholder
         self._cuda = device.type == "cuda"
+        if host_copies is None:
+            host_copies = os.environ.get("TSUMUGI_BLOCK_SWAP_CPU_COPIES") == "1"
+        self._alias = device.type == "cpu" and not host_copies  # loads use the master itself (module docstring)
         self.pinned = bool(pinned and self._cuda and torch.cuda.is_available())
         self._stream = torch.cuda.Stream(device=device) if self._cuda else None
         self.streamed = _spread(num_blocks, num_swap)
@@ -436,6 +445,9 @@ class BlockSwapper:
                     s.copy.copy_(s.master, non_blocking=True)
                 b.event = torch.cuda.Event()
                 b.event.record(self._stream)
+        elif self._alias:
+            for s in b.tensors:
+                s.copy = s.master
         else:
             for s in b.tensors:
                 s.copy = torch.empty(s.master.shape, dtype=s.master.dtype, device=self.device)
@@ -460,7 +472,7 @@ class BlockSwapper:
         for s in b.tensors:
             assert s.copy is not None
             self._by_storage.pop(s.copy.untyped_storage().data_ptr(), None)
-            if not self.h2d_only and s.tensor._version != s.version:
+            if not self.h2d_only and s.tensor._version != s.version and s.copy is not s.master:
                 s.master.copy_(s.copy)
                 self.stats["writebacks"] += 1
                 self._record("writeback", i, phase)

@@ -133,10 +133,34 @@ def quantize_weight_fp8(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(w_fp8, scale)`` of a 2-D weight; ``scale`` None (plain), ``[out, 1]`` or ``[out, in/bs, 1]``.
 
-    Dequantized weight: ``w_fp8 * scale`` (broadcast over the block view ``[out, in/bs, bs]``).
+    Dequantized weight: ``w_fp8 * scale`` (broadcast over the block view ``[out, in/bs, bs]``). Every
+    scale covers part of one row, so the rows are quantized a chunk at a time: the float32 scratch is
+    that of :data:`_CHUNK_ELEMENTS` elements, not of the whole weight (a 3840 x 10240 Linear would need
+    over 0.5 GB of it at once while the model streams in), and the result is the same bit for bit.
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D Linear weight, got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    rows = max(1, _CHUNK_ELEMENTS // max(1, in_f))
+    q = torch.empty(out_f, in_f, dtype=FP8_DTYPE, device=weight.device)
+    scale = None
+    for start in range(0, out_f, rows):
+        part_q, part_scale = _quantize_rows(weight[start : start + rows], scaled, block_size)
+        q[start : start + rows] = part_q
+        if part_scale is not None:
+            if scale is None:
+                scale = torch.empty((out_f, *part_scale.shape[1:]), dtype=part_scale.dtype, device=weight.device)
+            scale[start : start + rows] = part_scale
+    return q, scale
+
+
+_CHUNK_ELEMENTS = 1 << 22
+"""weight elements quantized at once by :func:`quantize_weight_fp8` (16 MiB of float32 scratch)"""
+
+
+def _quantize_rows(
+    weight: torch.Tensor, scaled: bool, block_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     w = weight.detach().float()
     if not scaled:
         return w.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), None

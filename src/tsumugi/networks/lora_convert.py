@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from tsumugi.errors import UserError
+from tsumugi.models.safetensors_io import LazyTensor
 from tsumugi.networks.lora_files import LoraModule
 
 logger = logging.getLogger(__name__)
@@ -296,23 +297,32 @@ def to_default(modules: list[LoraModule]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _folded(tensor: torch.Tensor, factor: float) -> LazyTensor:
+    """``tensor * factor`` in ``tensor``'s dtype, computed when written."""
+    return LazyTensor(tensor.dtype, tuple(tensor.shape), lambda: (tensor.float() * factor).to(tensor.dtype))
+
+
 def to_other(
     modules: list[LoraModule],
     prefix: str | None = DEFAULT_DIFFUSERS_PREFIX,
     keep_alpha: bool = False,
     adapter_name: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """diffusers/ComfyUI keys ``<prefix>.<path>.lora_A[.<adapter>].weight``; alpha folded unless ``keep_alpha``."""
+) -> dict[str, torch.Tensor | LazyTensor]:
+    """diffusers/ComfyUI keys ``<prefix>.<path>.lora_A[.<adapter>].weight``; alpha folded unless ``keep_alpha``.
+
+    Folded factors are :class:`~tsumugi.models.safetensors_io.LazyTensor` entries, computed one at a time
+    as :func:`~tsumugi.models.safetensors_io.save_file_streamed` writes them (no second copy of the LoRA).
+    """
     head = f"{prefix}." if prefix else ""
     tail = f".{adapter_name}" if adapter_name else ""
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | LazyTensor] = {}
     for m in modules:
-        down, up = m.down, m.up
+        down: torch.Tensor | LazyTensor = m.down
+        up: torch.Tensor | LazyTensor = m.up
         if not keep_alpha and m.alpha is not None and m.alpha != m.rank:
             scale = m.alpha / m.rank
             root = math.sqrt(abs(scale))
-            down = (down.float() * root).to(m.down.dtype)
-            up = (up.float() * (root if scale >= 0 else -root)).to(m.up.dtype)
+            down, up = _folded(m.down, root), _folded(m.up, root if scale >= 0 else -root)
         out[f"{head}{m.name}.lora_A{tail}.weight"] = down
         out[f"{head}{m.name}.lora_B{tail}.weight"] = up
         if keep_alpha and m.alpha is not None:
@@ -389,7 +399,7 @@ def convert_lora_file(
     Metadata is copied; ``sshs_model_hash``/``sshs_legacy_hash`` are recomputed when present. Tensors keep
     their dtype (alpha is written as float32).
     """
-    from tsumugi.models.safetensors_io import save_file_atomic
+    from tsumugi.models.safetensors_io import save_file_streamed
     from tsumugi.networks.lora_save import model_hashes
 
     if target not in TARGETS:
@@ -404,9 +414,10 @@ def convert_lora_file(
     else:
         tensors = to_other(modules, diffusers_prefix, keep_alpha=keep_alpha, adapter_name=adapter_name)
     metadata = dict(metadata)
-    if "sshs_model_hash" in metadata or "sshs_legacy_hash" in metadata:
+    if "sshs_model_hash" in metadata or "sshs_legacy_hash" in metadata:  # hashes of the whole serialization
+        tensors = {k: v.produce() if isinstance(v, LazyTensor) else v for k, v in tensors.items()}
         metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = model_hashes(tensors, metadata)
-    save_file_atomic(tensors, output_path, metadata or None)
+    save_file_streamed(tensors, output_path, metadata or None)  # one tensor at a time, no serialized copy
     logger.info("wrote %s (%s LoRA, %d modules, layout %s)", output_path, _DISPLAY[arch], len(modules), target)
     return output_path
 

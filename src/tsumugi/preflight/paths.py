@@ -103,15 +103,20 @@ def _probe_write(folder: Path, flag: str) -> None:
         os.unlink(name)  # ours: created just now by mkstemp
 
 
+def _mode_or_none(p: Path, flag: str) -> int | None:
+    """``st_mode`` of an output path, ``None`` when it does not exist yet."""
+    try:
+        return os.stat(p).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UserError(f"{flag}: cannot access {p} ({exc.strerror or exc})") from None
+
+
 def require_output_dir(path: str | os.PathLike[str], flag: str, need_bytes: int = 0, what: str = "one save") -> Path:
     """Create ``path`` if needed, prove it is a writable folder, warn when it lacks room for ``what``."""
     p = Path(path).expanduser()
-    try:
-        mode = os.stat(p).st_mode
-    except FileNotFoundError:
-        mode = None
-    except OSError as exc:
-        raise UserError(f"{flag}: cannot access {p} ({exc.strerror or exc})") from None
+    mode = _mode_or_none(p, flag)
     if mode is not None and not stat.S_ISDIR(mode):
         raise UserError(f"{flag}: {p} is {describe_mode(mode)}; expected a folder (existing or to be created)")
     if mode is None:
@@ -127,12 +132,7 @@ def require_output_dir(path: str | os.PathLike[str], flag: str, need_bytes: int 
 def require_output_file(path: str | os.PathLike[str], flag: str, need_bytes: int = 0, what: str = "the file") -> Path:
     """An output file: not a folder (or other non-file), its folder writable with room for ``what``."""
     p = Path(path).expanduser()
-    try:
-        mode = os.stat(p).st_mode
-    except FileNotFoundError:
-        mode = None
-    except OSError as exc:
-        raise UserError(f"{flag}: cannot access {p} ({exc.strerror or exc})") from None
+    mode = _mode_or_none(p, flag)
     if mode is not None and not stat.S_ISREG(mode):
         raise UserError(f"{flag}: {p} is {describe_mode(mode)}; expected the name of a file to write")
     require_output_dir(p.parent if str(p.parent) else Path("."), flag, need_bytes, what)
