@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCOPES = ("qwen_image", "zimage", "network", "full")
+"""what a field may be limited to: a family, LoRA training (``network``) or full fine-tuning (``full``)"""
 
 
 def _only(scope: str, default: Any) -> Any:
     """A field that only the scripts of ``scope`` (a family, ``network`` or ``full``) have."""
+    assert scope in SCOPES, scope
     return field(default=default, metadata={"only": scope})
 
 

@@ -66,7 +66,7 @@ def lora_metadata(
                     ss_network_alpha=args.network_alpha)
     if network and args.network_args:
         meta["ss_network_args"] = json.dumps(dict(a.split("=", 1) for a in args.network_args))
-    if not getattr(args, "no_metadata", False):
+    if not args.no_metadata:
         meta.update(
             ss_session_id=session_id,
             ss_training_started_at=started_at,
@@ -84,13 +84,13 @@ def lora_metadata(
             ss_epoch=epoch,
             ss_gradient_checkpointing=args.gradient_checkpointing,
             ss_gradient_accumulation_steps=args.gradient_accumulation_steps,
-            ss_network_dropout=getattr(args, "network_dropout", None),
-            ss_full_bf16=None if network else getattr(args, "full_bf16", None),
+            ss_network_dropout=args.network_dropout,
+            ss_full_bf16=None if network else args.full_bf16,
             ss_mixed_precision=args.mixed_precision,
             ss_seed=args.seed,
-            ss_training_comment=getattr(args, "training_comment", None),
+            ss_training_comment=args.training_comment,
             ss_optimizer=optimizer_name,
-            ss_fp8_base=getattr(args, "fp8_base", False),
+            ss_fp8_base=args.fp8_base,
             ss_timestep_sampling=args.timestep_sampling,
             ss_sigmoid_scale=args.sigmoid_scale,
             ss_discrete_flow_shift=args.discrete_flow_shift,

@@ -68,10 +68,10 @@ def refuse_unsupported(args: TrainConfig) -> None:
              if getattr(args, name, None) and (name != "dynamo_backend" or str(args.dynamo_backend).upper() != "NO")]
     if given:
         raise UserError("not supported by tsumugi yet: " + ", ".join(given) + "; remove them to train")
-    if getattr(args, "cuda_allow_tf32", False):
+    if args.cuda_allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if getattr(args, "cuda_cudnn_benchmark", False):
+    if args.cuda_cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
 
 
@@ -125,7 +125,7 @@ def start_run(arch_name: str, args: TrainConfig) -> TrainingRun:
     arch = get_architecture(arch_name)
     refuse_unsupported(args)
     check_training(arch.name, args)  # every file and folder the run touches, before anything loads
-    model_version = getattr(args, "model_version", None) or "original"
+    model_version = args.model_version or "original"
     if model_version == "layered":
         raise UserError("--model_version layered: Qwen-Image-Layered training is not supported yet")
     arch_code = arch.cache_arch_code(model_version)
@@ -177,12 +177,12 @@ def load_training_dit(run: TrainingRun, dtype: torch.dtype, *, trainable: bool):
     arch, args, device = run.arch, run.args, run.device
     swap = bool(args.blocks_to_swap)
     steps = []
-    if getattr(args, "base_weights", None):
+    if args.base_weights:
         from tsumugi.networks.lora_merge import LoraMergeStep
 
         steps.append(LoraMergeStep(args.base_weights, args.base_weights_multiplier, flag="--base_weights",
                                    multiplier_flag="--base_weights_multiplier"))
-    if getattr(args, "fp8_base", False):
+    if args.fp8_base:
         from tsumugi.memory.fp8_dit import Fp8DitStep
 
         steps.append(Fp8DitStep(arch.name, scaled=args.fp8_scaled))
@@ -196,11 +196,11 @@ def load_training_dit(run: TrainingRun, dtype: torch.dtype, *, trainable: bool):
                         **stream)
     dit.requires_grad_(trainable)
     dit.train(trainable)
-    if getattr(args, "fp8_base", False):
+    if args.fp8_base:
         for module in dit.modules():  # fp8 layers stay frozen (LoRA training only)
             if hasattr(module, "scale_weight"):
                 module.requires_grad_(False)
-    if args.gradient_checkpointing and getattr(args, "gradient_checkpointing_cpu_offload", False):
+    if args.gradient_checkpointing and args.gradient_checkpointing_cpu_offload:
         from tsumugi.memory.activation_offload import enable_checkpointing_with_cpu_offload
 
         enable_checkpointing_with_cpu_offload(dit, pin_memory=device.type == "cuda")
@@ -209,11 +209,11 @@ def load_training_dit(run: TrainingRun, dtype: torch.dtype, *, trainable: bool):
     from tsumugi.memory.attention import apply_attention_mode
 
     apply_attention_mode(dit, args.attn_mode, flag="--" + {"torch": "sdpa"}.get(args.attn_mode, args.attn_mode))
-    if getattr(args, "split_attn", False):
+    if args.split_attn:
         from tsumugi.memory.split_attention import apply_split_attention
 
         apply_split_attention(dit)
-    if getattr(args, "compile", False):
+    if args.compile:
         from tsumugi.memory.compile_blocks import compile_blocks
 
         # only block forwards are compiled: block swap's hooks stay eager; with swap the Linears run eagerly
@@ -226,7 +226,7 @@ def load_training_dit(run: TrainingRun, dtype: torch.dtype, *, trainable: bool):
 
         swapper = attach_block_swap(dit, args.blocks_to_swap, device, arch.name, mode="train",
                                     pinned=args.use_pinned_memory_for_block_swap,
-                                    h2d_only=getattr(args, "block_swap_h2d_only", False),
+                                    h2d_only=args.block_swap_h2d_only,
                                     slots=args.block_swap_ring_size)
     return dit, swapper
 

@@ -187,7 +187,7 @@ class TrainingSampler:
     def _encoder_identity(self) -> str:
         from tsumugi.caching.fingerprint import model_identity
 
-        fp8 = getattr(self.args, "fp8_vl", False) or getattr(self.args, "fp8_llm", False)
+        fp8 = self.args.fp8_vl or self.args.fp8_llm
         return model_identity(self.args.text_encoder) + (":fp8" if fp8 else "")
 
     def _encode(self, texts: list[str], dtype: torch.dtype) -> dict[str, PromptEmbeds]:
@@ -197,8 +197,8 @@ class TrainingSampler:
         if not args.text_encoder:
             raise UserError("--sample_prompts needs --text_encoder to encode the sample prompts (they are not cached yet)")
         encoder = arch.load_text_encoder(args.text_encoder, dtype=dtype, device=device,
-                                         fp8=getattr(args, "fp8_vl", False) or getattr(args, "fp8_llm", False))
-        tokenizer = arch.load_tokenizer(getattr(args, "tokenizer", None))
+                                         fp8=args.fp8_vl or args.fp8_llm)
+        tokenizer = arch.load_tokenizer(args.tokenizer)
         images = {self._key(p, t): self.controls[p.index][1] for p in self.plans if p.index in self.controls
                   for t in (p.line.prompt, p.negative)}
         embeds = {}
