@@ -126,8 +126,8 @@ def test_rcm_zero_threshold_is_plain_generation_and_debug_masks(controls, tiny_s
     assert np.array_equal(plain, rcm0)
     out = tmp_path / "dbg"
     (pinned,) = _run(files, out, *common, "--rcm_threshold", "0.9", "--rcm_relative_threshold",
-                     "--rcm_kernel_size", "3", "--rcm_dilate_size", "0", "--rcm_debug_save")
-    names = sorted(p.name for p in out.glob("*rcm_mask*.png"))
+                     "--rcm_dilate_size", "0", "--rcm_debug_save")
+    names = sorted(p.name for p in out.glob("*rcm_mask*.png"))  # ks3: Musubi's default --rcm_kernel_size
     assert names == [f"square_th0.9_rel1_ks3_ds0_rcm_mask_{s:02d}.png" for s in range(1, STEPS)]
     masks = [np.asarray(Image.open(out / n)) for n in names]
     assert masks[0].shape == (4, 4) and all(m.min() < 255 for m in masks), "some tokens must be pinned"

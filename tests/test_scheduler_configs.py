@@ -2,7 +2,9 @@
 
 ``tests/data/scheduler_configs/`` holds copies of the released ``scheduler/scheduler_config.json`` of the
 Hugging Face repositories ``Qwen/Qwen-Image`` (``qwen_image.json``) and ``Tongyi-MAI/Z-Image-Turbo``
-(``z_image_turbo.json``), without the ``_diffusers_version`` bookkeeping key. The same values are quoted in
+(``z_image_turbo.json``), without the ``_diffusers_version`` bookkeeping key; ``qwen_image_layered.json`` is
+the scheduler config of Qwen-Image-Layered as published with the Hugging Face repository
+``diffusers/Qwen-Image-Layered-modular`` (linear time shift, no terminal stretch). The same values are quoted in
 the public GitHub repository ``ostris/ai-toolkit``, files
 ``extensions_built_in/diffusion_models/qwen_image/qwen_image.py`` and
 ``extensions_built_in/diffusion_models/z_image/z_image.py`` (their ``scheduler_config`` dicts).
@@ -73,3 +75,20 @@ def test_released_schedules_match_the_documented_examples():
     base = np.linspace(1.0, 1 / 8, 8)
     expected_zimage = [*(3 * base / (1 + 2 * base)), 0.0]  # static shift 3: 1.0, 0.955, 0.9, ..., 0.3
     np.testing.assert_allclose(zimage.sigmas.numpy(), expected_zimage, atol=1e-6)
+
+
+def test_layered_scheduler_is_the_released_one():
+    """Qwen-Image-Layered samples with its own released scheduler and ``mu = sqrt(input tokens / 256)``."""
+    from tsumugi.arch.qwen_image_layered import QwenImageLayeredArchitecture, layered_geometry
+
+    adapter = QwenImageLayeredArchitecture()
+    reference = FlowMatchEulerDiscreteScheduler.from_config(
+        json.loads((RELEASED / "qwen_image_layered.json").read_text()))
+    ours = adapter.make_scheduler(None)
+    assert full_config(ours) == full_config(reference)
+    kwargs = adapter.scheduler_kwargs(layered_geometry(640, 640, 4, (80, 80)))
+    assert kwargs["mu"] == pytest.approx((40 * 40 / 256) ** 0.5)
+    ours.set_timesteps(sigmas=adapter.base_sigmas(50), **kwargs)
+    reference.set_timesteps(sigmas=adapter.base_sigmas(50), **kwargs)
+    np.testing.assert_array_equal(ours.sigmas.numpy(), reference.sigmas.numpy())
+    assert ours.sigmas[-2] > 0.02  # no terminal stretch, unlike Qwen-Image

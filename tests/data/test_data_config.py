@@ -349,13 +349,19 @@ def test_edit_uses_all_controls_in_order(tmp_path, captioned, make_image, write_
     assert [p.name for p in list_items(qi)[0].control_paths] == ["img1.png"]
 
 
-def test_control_missing_for_a_target(tmp_path, captioned, make_image, write_config):
+def test_control_missing_for_a_target_trains_it_without(tmp_path, captioned, make_image, write_config,
+                                                         data_warnings):
+    """Musubi trains Edit items without controls as text-to-image items (musubi-tuner#682)."""
     images, ctrl = _edit_set(tmp_path, captioned, make_image, {"a": [(64, 64)]})
     captioned(images, ["b.png"])
-    message = _error(
-        write_config(f'[[datasets]]\nimage_directory = "{images}"\ncontrol_directory = "{ctrl}"\n'), "qie"
-    )
-    assert f"datasets[0]: {images / 'b.png'}: no control image in {ctrl}" in message
+    [ds] = _load(write_config(f'[[datasets]]\nimage_directory = "{images}"\ncontrol_directory = "{ctrl}"\n'), "qie")
+    a, b = list_items(ds)
+    assert [p.name for p in a.control_paths] == ["a_0.png"] and b.control_paths == () and b.control_sizes == ()
+    assert (f"datasets[0]: 1 of 2 item(s) have no control image in {ctrl} (<stem>.<ext> or <stem>_0.<ext>, ...) "
+            f"and train as text-to-image items: {images / 'b.png'}") in data_warnings()
+    (ctrl / "a_0.png").rename(ctrl / "x_0.png")  # a control_directory that matches nothing is warned about too
+    _load(write_config(f'[[datasets]]\nimage_directory = "{images}"\ncontrol_directory = "{ctrl}"\n'), "qie")
+    assert f"datasets[0]: 2 of 2 item(s) have no control image in {ctrl}" in data_warnings()
 
 
 def test_non_numeric_control_suffix(tmp_path, captioned, make_image, write_config):
@@ -376,10 +382,12 @@ def test_corrupt_control_image_is_named(tmp_path, captioned, make_image, write_c
     assert f"control image {ctrl / 'a_0.png'}: empty file" in message
 
 
-def test_edit_without_controls_is_an_error(tmp_path, captioned, write_config):
+def test_edit_directory_without_control_directory_is_text_to_image(tmp_path, captioned, write_config,
+                                                                   data_warnings):
     captioned(tmp_path / "imgs", ["a.png"])
-    message = _error(write_config(f'[[datasets]]\nimage_directory = "{tmp_path / "imgs"}"\n'), "qie")
-    assert "datasets[0]: Qwen-Image-Edit needs control images" in message
+    [ds] = _load(write_config(f'[[datasets]]\nimage_directory = "{tmp_path / "imgs"}"\n'), "qie")
+    assert [item.control_paths for item in list_items(ds)] == [()] and not ds.has_control
+    assert "control" not in data_warnings()  # a whole text-to-image dataset is not a mistake to warn about
 
 
 def test_zimage_ignores_controls_with_a_warning(tmp_path, captioned, make_image, write_config, data_warnings):
@@ -421,6 +429,21 @@ def test_jsonl_dataset_with_controls(tmp_path, make_image, write_config):
     assert first.image_path == a and first.caption == " one " and first.control_paths == (c0,)
     assert second.control_paths == (c1, c2) and second.original_size == (48, 64)
     assert second.control_sizes == ((48, 32), (64, 32))
+
+
+def test_jsonl_edit_lines_without_controls(tmp_path, make_image, write_config, data_warnings):
+    a, b, c = (make_image(tmp_path / f"{n}.png") for n in "abc")
+    mixed = _jsonl(tmp_path / "mixed.jsonl", [{"image_path": str(a), "control_path": str(c), "caption": "x"},
+                                              {"image_path": str(b), "caption": "y"}])
+    plain = _jsonl(tmp_path / "plain.jsonl", [{"image_path": str(b), "caption": "y"}])
+    cfg = write_config(f'[[datasets]]\nimage_jsonl_file = "{mixed}"\ncache_directory = "{tmp_path / "c1"}"\n'
+                       f'[[datasets]]\nimage_jsonl_file = "{plain}"\ncache_directory = "{tmp_path / "c2"}"\n')
+    first, second = _load(cfg, "qie")
+    assert [i.control_paths for i in list_items(first)] == [(c,), ()]
+    assert [i.control_paths for i in list_items(second)] == [()]
+    warnings = data_warnings()
+    assert "datasets[0]: 1 of 2 item(s) have no control image (no control_path in its JSONL line)" in warnings
+    assert "datasets[1]: 1 of 1" not in warnings and warnings.count("text-to-image") == 1
 
 
 def test_jsonl_line_errors_name_the_line(tmp_path, make_image, write_config):

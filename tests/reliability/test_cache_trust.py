@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -301,7 +302,11 @@ def test_qwen_image_token_limit_boundary():
     items = [ImageItem(Path(f"{n}.png"), " a" * n, (64, 64)) for n in (1024 - overhead + 34, 1024 - overhead + 35)]
     assert [i.image_path.name for i in warn_truncated_captions(arch, tokenizer, items, "original")] == [
         f"{1024 - overhead + 35}.png"]
-    assert warn_truncated_captions(arch, tokenizer, items, "edit-2509") == []
+    # Edit: items without control images are encoded with the same text-only template; with one, no limit
+    assert [i.image_path.name for i in warn_truncated_captions(arch, tokenizer, items, "edit-2509")] == [
+        f"{1024 - overhead + 35}.png"]
+    with_control = [dataclasses.replace(i, control_paths=(Path("c.png"),)) for i in items]
+    assert warn_truncated_captions(arch, tokenizer, with_control, "edit-2509") == []
 
 
 def test_cache_check_runs_once_under_accelerate_launch(tiny_sets, tmp_path):

@@ -211,3 +211,39 @@ def test_samples_during_training_use_the_trained_weights(cached, tmp_path):  # n
                      "--save_path", str(tmp_path / "g"), "--device", "cpu"]) == 0
     generated = np.asarray(Image.open(next((tmp_path / "g").glob("*.png"))).convert("RGB")).astype(int)
     assert np.abs(sampled - generated).max() <= 1
+
+
+def test_shared_config_file_with_lora_keys_and_metadata_flags(cached, tmp_path, caplog):  # noqa: F811
+    """One Musubi ``--config_file`` for LoRA and full runs: LoRA keys warn as unused in full fine-tuning;
+    ``--training_comment`` lands in the checkpoint's metadata and ``--no_metadata`` leaves the ss_ keys out."""
+    toml, files = cached("zimage")
+    shared = tmp_path / "shared.toml"
+    shared.write_text('[network]\nnetwork_module = "networks.lora_zimage"\nnetwork_dim = 8\nnetwork_alpha = 4\n'
+                      'network_args = ["verbose=true"]\nbase_weights = ["style.safetensors"]\n'
+                      '[training]\ntraining_comment = "shared file"\n', encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        result = run_full("zimage", toml, files, tmp_path / "a", "--config_file", str(shared),
+                          "--max_train_steps", "1")
+    for key in ("network_module", "network_dim", "network_alpha", "network_args", "base_weights"):
+        assert f"'{key}' is unused: a LoRA training flag, and zimage_train is full fine-tuning" in caplog.text
+    with safe_open(str(result.path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_training_comment"] == "shared file" and "ss_network_dim" not in meta
+    # the LoRA script reads the same file (the keys are its flags)
+    network_parser = build_train_parser("zimage", network=True)
+    lora = parse_train_args(network_parser, ["--config_file", str(shared)])
+    assert lora.network_dim == 8 and lora.base_weights == ["style.safetensors"]
+
+    bare = run_full("zimage", toml, files, tmp_path / "b", "--no_metadata", "--training_comment", "x",
+                    "--max_train_steps", "1")
+    with safe_open(str(bare.path), "pt") as f:
+        meta = f.metadata()
+    assert "ss_training_comment" not in meta and "ss_learning_rate" not in meta
+    assert meta["modelspec.architecture"] == "Z-Image"
+
+
+def test_unknown_config_key_is_still_an_error_in_full_fine_tuning(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("network_dimm = 8\n", encoding="utf-8")
+    with pytest.raises(UserError, match="unknown key 'network_dimm'"):
+        parse_train_args(build_train_parser("zimage", network=False), ["--config_file", str(bad)])

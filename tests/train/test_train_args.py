@@ -174,10 +174,15 @@ def test_config_file_unknown_key_names_key_file_and_suggestion(tmp_path):
     assert "learning_rat" in message and str(path) in message and "learning_rate" in message
 
 
-def test_config_file_key_of_another_script(tmp_path):
-    path = _write(tmp_path, "network_dim = 16\n")
-    with pytest.raises(UserError, match="network_dim.*qwen_image_train_network.*not of zimage_train"):
+def test_config_file_key_of_another_script(tmp_path, caplog):
+    path = _write(tmp_path, "model_version = 'edit'\n")
+    with pytest.raises(UserError, match="model_version.*qwen_image_train_network.*not of zimage_train"):
         _parse("zimage", False, "--config_file", str(path))
+    # the LoRA keys of a file shared by LoRA and full runs are unused in full fine-tuning, not an error
+    path = _write(tmp_path, "network_dim = 16\n")
+    with caplog.at_level("WARNING"):
+        _parse("zimage", False, "--config_file", str(path))
+    assert "'network_dim' is unused: a LoRA training flag, and zimage_train is full fine-tuning" in caplog.text
 
 
 @pytest.mark.parametrize("text,match", [
@@ -279,7 +284,8 @@ def test_required_flags(drop, flag):
 
 
 def test_show_timesteps_needs_no_output():
-    args = _parse("zimage", True, "--dit", "d", "--dataset_config", "c", "--network_module", "m", "--show_timesteps", "console")
+    args = _parse("zimage", True, "--dit", "d", "--dataset_config", "c", "--network_module", "networks.lora_zimage",
+                 "--show_timesteps", "console")
     validate_train_args(args, environ={})
 
 

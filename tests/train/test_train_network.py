@@ -193,12 +193,24 @@ def test_missing_and_stale_caches_are_refused(cached, tiny_sets, tmp_path, capsy
     assert "img001" in err and "stale" in err and "caption" in err
 
 
-def test_network_module_typo(cached, tmp_path, capsys):
-    toml, files = cached("zimage")
-    argv = ["--dit", str(files["dit"]), "--dataset_config", str(toml), "--network_module", "networks.lora_zimagee",
+@pytest.mark.parametrize(("module", "needle"), [
+    ("networks.lora_zimagee", "--network_module networks.lora_zimagee: no such module"),
+    ("networks.loha", "--network_module networks.loha: only LoRA networks are supported, not loha"),
+    ("json", "--network_module json: module json has no create_network"),
+    ("networks.lora_qwen_image", "--network_module networks.lora_qwen_image is the Qwen-Image network"),
+])
+def test_bad_network_module_fails_before_any_model_loads(module, needle, cached, tmp_path, capsys, monkeypatch):
+    from tsumugi.models import loader
+
+    toml, files = cached("zimage")  # (caching loads models: before the spy)
+    loads = []
+    real = loader._load
+    monkeypatch.setattr(loader, "_load", lambda det, kind, **kw: loads.append(kind) or real(det, kind, **kw))
+    argv = ["--dit", str(files["dit"]), "--dataset_config", str(toml), "--network_module", module,
             "--output_dir", str(tmp_path), "--output_name", "x", "--mixed_precision", "no"]
     assert zimage_train_main(argv) == 2
-    assert "--network_module" in capsys.readouterr().err
+    assert needle in capsys.readouterr().err
+    assert loads == []  # the same spy records the DiT load of a good run (tests/reliability/test_preflight_faults)
 
 
 def test_incompatible_flags(cached, tmp_path, capsys):

@@ -63,16 +63,29 @@ class QwenImageArchitecture(Architecture):
     arch_code = "qi"
     default_guidance_scale = 4.0
     default_negative_prompt = " "
+    layered = False
+    """Qwen-Image-Layered (its own subclass): the DiT and VAE loaded must be Layered's."""
 
     def load_dit(
         self, path: str, *, dtype: torch.dtype, device: torch.device | str, model_version: str = "original",
         **stream: Any,
     ) -> torch.nn.Module:
         """Edit-2511 modulates control tokens with t = 0 (``zero_cond_t``), also for files without its marker."""
+        from tsumugi.arch.qwen_image_layered import check_layered_dit
         from tsumugi.models.loader import load_dit
 
         overrides = {"zero_cond_t": True} if model_version == "edit-2511" else None
-        return load_dit(path, "qwen_image", dtype=dtype, device=device, config_overrides=overrides, **stream)
+        dit = load_dit(path, "qwen_image", dtype=dtype, device=device, config_overrides=overrides, **stream)
+        check_layered_dit(dit, path, layered=self.layered)
+        return dit
+
+    def load_vae(self, path: str, *, device: torch.device | str) -> torch.nn.Module:
+        """Refuses the RGBA VAE of Layered for the other versions, and the reverse."""
+        from tsumugi.arch.qwen_image_layered import check_layered_vae
+
+        vae = super().load_vae(path, device=device)
+        check_layered_vae(vae, path, layered=self.layered)
+        return vae
 
     def encode_prompts(
         self, text_encoder: torch.nn.Module, tokenizer: Any, prompts: list[str], device: torch.device | str
@@ -146,9 +159,13 @@ class QwenImageArchitecture(Architecture):
 
         embeds, mask = pad_prompt_embeds([p.embeds.to(device=device, dtype=dtype) for p in prompts])
         batch, num_target = latents.shape[0], latents.shape[1]
-        shapes = [(1, geometry.latent_height // 2, geometry.latent_width // 2)]
+        # Layered: the target is several frames (composite + layers) of the same size.
+        shapes = [(1, geometry.latent_height // 2, geometry.latent_width // 2)] * geometry.extra.get("frames", 1)
         shapes += [(1, h // 2, w // 2) for h, w in geometry.control_latent_sizes]
         hidden = latents if conditions is None else torch.cat([latents, conditions.to(latents)], dim=1)
+        extra = {}
+        if getattr(getattr(dit, "config", None), "use_additional_t_cond", False):  # Layered: is_rgb = 0
+            extra["additional_t_cond"] = torch.zeros(batch, dtype=torch.long, device=device)
         out = dit(
             hidden_states=hidden.to(dtype),
             encoder_hidden_states=embeds,
@@ -156,6 +173,7 @@ class QwenImageArchitecture(Architecture):
             timestep=(timesteps.to(device=device, dtype=dtype) / 1000),
             img_shapes=[shapes] * batch,
             return_dict=False,
+            **extra,
         )[0]
         return out[:, :num_target].float()
 

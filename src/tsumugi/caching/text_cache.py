@@ -59,17 +59,20 @@ def _control_sources(item: ImageItem, found: dict[str, str] | None) -> tuple[lis
     return current_fingerprints(list(item.control_paths), *recorded)
 
 
-def token_limit(arch: Architecture, model_version: str) -> tuple[int, Any] | None:
+def token_limit(arch: Architecture, model_version: str, has_controls: bool = True) -> tuple[int, Any] | None:
     """(limit, template) of the tokens the text encoder keeps, or None when nothing is truncated.
 
     Z-Image keeps 512 tokens of the chat text (template included); Qwen-Image 1024 after the template
-    prefix; the Edit versions have no limit.
+    prefix; the Edit versions have no limit, except for items without control images (``has_controls``
+    false), which are encoded with Qwen-Image's text-only template.
     """
+    from tsumugi.text.qwen_image_edit_prompt import EDIT_VERSIONS
+
     if arch.name == "zimage":
         from tsumugi.text.zimage_prompt import ZIMAGE_MAX_LENGTH
 
         return ZIMAGE_MAX_LENGTH, None
-    if model_version == "original":
+    if model_version == "original" or (model_version in EDIT_VERSIONS and not has_controls):
         from tsumugi.text.qwen_image_prompt import TEXT_TO_IMAGE_TEMPLATE as template
 
         return template.max_length + template.drop_idx, template
@@ -80,18 +83,21 @@ def warn_truncated_captions(
     arch: Architecture, tokenizer: Any, items: list[ImageItem], model_version: str
 ) -> list[ImageItem]:
     """Items whose caption is cut at the text encoder's token limit; logs one warning counting them."""
-    limit = token_limit(arch, model_version)
-    if limit is None or not items:
-        return []
-    max_tokens, template = limit
-    if template is None:
-        from tsumugi.text.zimage_prompt import render_zimage_prompt
+    long = []
+    for has_controls in (True, False):
+        limit = token_limit(arch, model_version, has_controls)
+        group = [item for item in items if bool(item.control_paths) == has_controls]
+        if limit is None or not group:
+            continue
+        max_tokens, template = limit
+        if template is None:
+            from tsumugi.text.zimage_prompt import render_zimage_prompt
 
-        texts = [render_zimage_prompt(tokenizer, item.caption) for item in items]
-    else:
-        texts = [template.template.format(item.caption) for item in items]
-    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
-    long = [item for item, n in zip(items, lengths) if n > max_tokens]
+            texts = [render_zimage_prompt(tokenizer, item.caption) for item in group]
+        else:
+            texts = [template.template.format(item.caption) for item in group]
+        lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+        long += [item for item, n in zip(group, lengths) if n > max_tokens]
     if long:
         from tsumugi.data.problems import short_list
 
@@ -121,7 +127,12 @@ def cache_text_outputs(
     report = CacheReport()
     uses_images = text_uses_images(arch_code, model_version)
     produced: dict[Path, set[Path]] = {}
-    warn_truncated_captions(arch, tokenizer, [item for d in datasets for item in list_items(d)], model_version)
+    all_items = [item for d in datasets for item in list_items(d)]
+    warn_truncated_captions(arch, tokenizer, all_items, model_version)
+    without = sum(not item.control_paths for item in all_items)
+    if uses_images and without:
+        logger.info("%d of %d item(s) have no control image: their captions are encoded with the text-only "
+                    "prompt (text-to-image items)", without, len(all_items))
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         for dataset in datasets:
             remove_temporaries(dataset.cache_directory)

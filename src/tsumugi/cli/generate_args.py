@@ -30,6 +30,7 @@ def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
     if arch.name == "qwen_image":
         add_model_version_flags(models)
         add_edit_flags(parser)
+        add_layered_flags(parser)
 
     prompt = parser.add_argument_group("prompt and sampling")
     prompt.add_argument("--prompt", help="prompt text (this, --from_file or --latent_path is required)")
@@ -101,6 +102,17 @@ def add_edit_flags(parser: argparse.ArgumentParser) -> None:
                       help="Reference Consistency Mask: pin regions whose latent differs less than this")
     edit.add_argument("--rcm_relative_threshold", action="store_true",
                       help="--rcm_threshold is a fraction of the step's largest difference")
-    edit.add_argument("--rcm_kernel_size", type=int, default=0, help="RCM Gaussian blur kernel (odd; 0/1: none)")
+    edit.add_argument("--rcm_kernel_size", type=int, default=3,
+                      help="RCM Gaussian blur kernel (forced odd; 0/1: none; default 3, as Musubi)")
     edit.add_argument("--rcm_dilate_size", type=int, default=0, help="RCM dilation radius of the regenerate region")
     edit.add_argument("--rcm_debug_save", action="store_true", help="save the RCM mask of every step as PNG")
+
+
+def add_layered_flags(parser: argparse.ArgumentParser) -> None:
+    layered = parser.add_argument_group("Qwen-Image-Layered (--model_version layered; input image: --control_image_path)")
+    layered.add_argument("--output_layers", type=int, default=4,
+                         help="layers to decompose the input image into; the composite is written too (N + 1 PNGs)")
+    layered.add_argument("--automatic_prompt_lang_for_layered", default=None, choices=["en", "cn"],
+                         help="layered: a job without prompt text gets a caption of its input image, written by "
+                         "the text encoder's language model with an English or Chinese instruction")
+

@@ -3,7 +3,8 @@
 ``.toml`` may be left off; sections are flattened; file values replace argparse defaults; flags given on
 the command line win. Unlike Musubi, file values are converted and checked as if typed on the command
 line, and an unknown key is an error naming the key and the file (with a close match, or the script
-that does have that flag).
+that does have that flag). Full fine-tuning warns about the LoRA script's keys (``network_*``,
+``base_weights``...) instead: Musubi users share one file between LoRA and full runs.
 """
 
 from __future__ import annotations
@@ -37,9 +38,14 @@ def parse_train_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     values = _read_flat_config(path)
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.default is not argparse.SUPPRESS}
     from_file: dict[str, Any] = {}
+    lora_only = _lora_only_keys(parser, set(actions))
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
         action = actions.get(key)
+        if action is None and key in lora_only:  # one file shared by LoRA and full runs, as with Musubi
+            logger.warning("--config_file %s: '%s' is unused: a LoRA training flag, and %s is full fine-tuning",
+                           path, raw_key, parser.prog)
+            continue
         if action is None or key == "config_file":
             raise UserError(_unknown_key_message(raw_key, key, path, parser, list(actions)))
         from_file[key] = _coerce(action, value, raw_key, path)
@@ -114,6 +120,17 @@ def _unknown_key_message(raw_key: str, key: str, path: Path, parser: argparse.Ar
     elif close:
         message += f" (did you mean '{close[0]}'?)"
     return message
+
+
+def _lora_only_keys(parser: argparse.ArgumentParser, known: set[str]) -> set[str]:
+    """Flags of the same family's LoRA script that a full fine-tuning parser lacks (``network_*``,
+    ``base_weights``...); empty for other parsers."""
+    if parser.get_default("network_training") is not False:
+        return set()
+    from tsumugi.cli.train_parser import build_train_parser
+
+    network = build_train_parser(parser.get_default("arch_name"), network=True)
+    return {a.dest for a in network._actions if a.option_strings} - known
 
 
 def _scripts_accepting(key: str) -> list[str]:

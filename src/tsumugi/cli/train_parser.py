@@ -234,8 +234,6 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
         _add(g, "--scale_weight_norms", type=float, default=None, help="max-norm regularisation per module")
         _add(g, "--base_weights", type=str, default=None, nargs="*", help="LoRAs merged into the DiT before training")
         _add(g, "--base_weights_multiplier", type=float, default=None, nargs="*", help="one per --base_weights (1.0)")
-        _flag(g, "--no_metadata", "write only the minimum metadata")
-        _add(g, "--training_comment", type=str, default=None, help="ss_training_comment metadata")
         if qwen:
             fmt_help = ("layout of the saved LoRA: default = musubi for Qwen-Image (Musubi's lora_unet_ keys, "
                         "which ComfyUI and diffusers both load); musubi = Musubi's keys; diffusers = PEFT "
@@ -248,6 +246,8 @@ def build_train_parser(arch_name: str, *, network: bool) -> argparse.ArgumentPar
         _add(g, "--lora_format", type=str, default="default", choices=LORA_FORMATS, help=fmt_help)
 
     g = parser.add_argument_group("metadata")
+    _flag(g, "--no_metadata", "write only the minimum metadata")
+    _add(g, "--training_comment", type=str, default=None, help="ss_training_comment metadata")
     _add(g, "--metadata_title", type=str, default=None, help="modelspec.title (default: --output_name)")
     _add(g, "--metadata_author", type=str, default=None, help="modelspec.author")
     _add(g, "--metadata_description", type=str, default=None, help="modelspec.description")

@@ -283,11 +283,13 @@ def validate_train_args(args: argparse.Namespace, environ: Mapping[str, str] | N
 
 
 def _check_network_family(module: str, arch: str) -> None:
-    """A network module of the other family fails here, naming the right one (not later, after the
-    DiT is loaded, as "no modules" of the include/exclude patterns)."""
-    name = module.removeprefix("tsumugi.")
+    """A module that is not a network module, or the other family's, fails here, naming the right one
+    (not later, after the DiT is loaded)."""
+    from tsumugi.networks.network_modules import import_network_module, network_target
+
+    target = network_target(import_network_module(module))
     for other in ARCH_NAMES:
-        if other != arch and name == NETWORK_MODULES[other]:
+        if other != arch and target is not None and target.display_name == DISPLAY_NAMES[other]:
             raise UserError(
                 f"--network_module {module} is the {DISPLAY_NAMES[other]} network; {arch}_train_network trains "
                 f"{DISPLAY_NAMES[arch]}: use --network_module {NETWORK_MODULES[arch]}"

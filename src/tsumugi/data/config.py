@@ -616,7 +616,10 @@ def _check_controls(
 def _check_architecture_needs(
     where: str, architecture: str, values: dict[str, Any], image_directory: Path | None, problems: Problems
 ) -> None:
-    """Layered needs ``multiple_target`` (and only Layered takes it); an Edit directory needs controls."""
+    """Layered needs ``multiple_target`` (and only Layered takes it).
+
+    An Edit dataset without control images is valid: its items train as text-to-image items.
+    """
     multiple_target = values["multiple_target"]
     if multiple_target and architecture != "qil":
         problems.error(
@@ -625,12 +628,6 @@ def _check_architecture_needs(
         )
     if architecture == "qil" and not multiple_target:
         problems.error(where, "Qwen-Image-Layered needs multiple_target = true (base image + layer images)")
-    if architecture == "qie" and image_directory is not None and values["control_directory"] is None:
-        problems.error(
-            where,
-            "Qwen-Image-Edit needs control images: set control_directory (or use image_jsonl_file "
-            "with control_path)",
-        )
 
 
 def _check_resolution(where: str, values: dict[str, Any], problems: Problems) -> None:

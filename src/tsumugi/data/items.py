@@ -18,8 +18,11 @@ Decisions where Musubi is silent or silent-failing (see also config.py):
 * layered: a captioned ``name_1.png`` next to a captioned ``name.png`` is an error (Musubi would train
   the layer as an item of its own), as are layers without alpha and items with no layers;
 * JSONL layered items may differ in layer count (as in Musubi); batching keeps them apart;
-* Qwen-Image-Edit JSONL lines without control images are allowed with a warning; a Qwen-Image-Edit
-  dataset without any control image is an error;
+* Qwen-Image-Edit items without control images (a directory dataset without ``control_directory``, an
+  image whose control is missing from it, a JSONL line without ``control_path``) train as text-to-image
+  items, as in Musubi (musubi-tuner#682): a warning counts them where a dataset mixes both kinds or its
+  ``control_directory`` matches nothing (Musubi refuses an image without its control in a
+  ``control_directory``; tsumugi trains it without one);
 * Qwen-Image and Layered keep the first control only, Z-Image none;
 * ``original_size`` is the size after EXIF orientation (what the model is trained on).
 """
@@ -313,13 +316,6 @@ def _attach_directory_controls(dataset: DatasetConfig, drafts: list[_Draft], pro
         )
     for draft in drafts:
         draft.controls = [control_dir / name for name in result.matches.get(draft.image_path.stem, [])]
-        if not draft.controls:
-            stem = draft.image_path.stem
-            problems.error(
-                dataset.name,
-                f"{draft.image_path}: no control image in {control_dir} (expected "
-                f"{stem}.<ext> or {stem}_0.<ext>, {stem}_1.<ext>, ...)",
-            )
 
 
 def _apply_control_count(dataset: DatasetConfig, drafts: list[_Draft], problems: Problems) -> None:
@@ -338,17 +334,18 @@ def _apply_control_count(dataset: DatasetConfig, drafts: list[_Draft], problems:
             )
         for draft in drafts:
             draft.controls = draft.controls[:1]
-    elif dataset.architecture == "qie" and dataset.image_jsonl_file is not None and drafts:
+    elif dataset.architecture == "qie" and drafts:
         missing = [str(d.image_path) for d in drafts if not d.controls]
-        if len(missing) == len(drafts):
-            problems.error(
-                dataset.name,
-                f"Qwen-Image-Edit needs control images but no line of "
-                f"{dataset.image_jsonl_file} has control_path",
+        # a whole text-to-image dataset is intended, unless it names a control_directory
+        if missing and (len(missing) < len(drafts) or dataset.control_directory is not None):
+            expected = (
+                f"in {dataset.control_directory} (<stem>.<ext> or <stem>_0.<ext>, ...)"
+                if dataset.control_directory is not None else "(no control_path in its JSONL line)"
             )
-        elif missing:
             problems.warn(
-                dataset.name, f"{len(missing)} JSONL item(s) without control image: {short_list(missing)}"
+                dataset.name,
+                f"{len(missing)} of {len(drafts)} item(s) have no control image {expected} and train as "
+                f"text-to-image items: {short_list(missing)}",
             )
 
 

@@ -120,7 +120,6 @@ def check_generate_flags(args: argparse.Namespace) -> None:
     check_number(args.infer_steps, "--infer_steps", minimum=1, what="an integer >= 1")
     check_number(args.guidance_scale, "--guidance_scale", minimum=0, what="a finite number >= 0")
     check_number(args.flow_shift, "--flow_shift", above=0, what="a finite number > 0")
-    check_number(getattr(args, "embedded_cfg_scale", None), "--embedded_cfg_scale", what="a finite number")
     check_number(args.blocks_to_swap, "--blocks_to_swap", minimum=0, what="an integer >= 0")
     for value in args.image_size or []:
         check_number(value, "--image_size", above=0, what="two positive multiples of 16 (H W)")

@@ -209,7 +209,7 @@ def _validate(arch: Architecture, args: argparse.Namespace) -> None:
         if not args.vae:
             raise UserError("--vae is required to decode --latent_path files")
         return
-    if not args.prompt and not args.from_file:
+    if not args.prompt and not args.from_file and not getattr(args, "automatic_prompt_lang_for_layered", None):
         raise UserError("give --prompt, --from_file or --latent_path")
     if args.image_size is not None and any(v <= 0 or v % 16 for v in args.image_size):
         near = " ".join(str(max(16, (v + 8) // 16 * 16)) for v in args.image_size)
@@ -221,7 +221,13 @@ def _validate(arch: Architecture, args: argparse.Namespace) -> None:
     if arch.name == "qwen_image":
         version = resolve_model_version(args)
         if version == "layered":
-            raise UserError("--model_version layered: Qwen-Image-Layered generation is not supported yet")
+            from tsumugi.sample.layered import validate_layered
+
+            return validate_layered(args)
+        layered_only = [flag for flag, on in (("--output_layers", args.output_layers != 4), (
+            "--automatic_prompt_lang_for_layered", args.automatic_prompt_lang_for_layered is not None)) if on]
+        if layered_only:
+            raise UserError(f"{', '.join(layered_only)}: only for --model_version layered (got {version})")
         _validate_edit(args, version)
 
 
@@ -406,13 +412,26 @@ def generate(arch: Architecture, args: argparse.Namespace) -> list[Path]:
     _validate(arch, args)
     check_generate_flags(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _dtype(args, device, arch.name)
     if args.latent_path:
         check_generation(arch.name, args, [], device)
+        if arch.name == "qwen_image" and resolve_model_version(args) == "layered":
+            from tsumugi.sample.layered import decode_layered_latent_files
+
+            return decode_layered_latent_files(args, device)
         return decode_latent_files(arch, args, device)
     version = resolve_model_version(args) if arch.name == "qwen_image" else "original"
+    if version == "layered":
+        from tsumugi.sample.layered import generate_layered
+
+        return generate_layered(args, device)
     jobs = build_jobs(arch, args, version)
     check_generation(arch.name, args, jobs, device)
+    if arch.name == "qwen_image":
+        from tsumugi.arch.qwen_image_layered import check_version_files
+
+        check_version_files(args.dit, args.vae if args.output_type != "latent" or jobs[0].control_paths else None,
+                            layered=False)
+    dtype = _dtype(args, device, arch.name)  # reads the DiT header: only after the file is checked
     controls = _encode_all_controls(arch, args, jobs, device)
     embeds = encode_all(arch, args, jobs, device, dtype, version)
 

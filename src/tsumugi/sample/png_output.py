@@ -17,7 +17,7 @@ PNG_PARAMETERS_KEY = "tsumugi_parameters"
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [0, 1] -> 8-bit RGB, rounded like diffusers' image processor."""
+    """(3, H, W) / (4, H, W) in [0, 1] -> 8-bit RGB / RGBA, rounded like diffusers' image processor."""
     array = image.detach().float().cpu().permute(1, 2, 0).numpy()
     return Image.fromarray((array * 255).round().astype(np.uint8))
 

@@ -119,6 +119,20 @@ def controls_at_own_size(images: list):
         pipeline_qwenimage_edit.calculate_dimensions, pipeline_qwenimage_edit_plus.calculate_dimensions = saved
 
 
+def _image_only_processor(tokenizer):
+    """A Qwen2-VL processor without the video processor (that one needs torchvision)."""
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from tsumugi.text.qwen_vl_images import MAX_PIXELS, MIN_PIXELS
+
+    class ImageOnlyProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    return ImageOnlyProcessor(Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS), tokenizer)
+
+
 def reference_edit_image(
     folders: dict[str, Path],
     version: str,
@@ -140,16 +154,10 @@ def reference_edit_image(
         QwenImageEditPlusPipeline,
         QwenImageTransformer2DModel,
     )
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from tsumugi.arch.qwen_image import QWEN_IMAGE_SCHEDULER_CONFIG
-    from tsumugi.text.qwen_vl_images import MAX_PIXELS, MIN_PIXELS
     from tsumugi.text.tokenizers import load_tokenizer
-
-    class ImageOnlyProcessor(Qwen2VLProcessor):  # no video processor (it needs torchvision)
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     tokenizer = load_tokenizer("qwen_image")
     extra = {"zero_cond_t": True} if version == "edit-2511" else {}
@@ -159,7 +167,7 @@ def reference_edit_image(
         vae=AutoencoderKLQwenImage.from_pretrained(folders["vae"]),
         text_encoder=ForwardTokenTypes(Qwen2_5_VLForConditionalGeneration.from_pretrained(folders["text_encoder"])),
         tokenizer=tokenizer,
-        processor=ImageOnlyProcessor(Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS), tokenizer),
+        processor=_image_only_processor(tokenizer),
         transformer=QwenImageTransformer2DModel.from_pretrained(folders["dit"], **extra),
     )
     if lora is not None:
@@ -172,3 +180,57 @@ def reference_edit_image(
             generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
         )
     return (out.images[0] * 255).round().astype(np.uint8)
+
+
+def reference_layered_images(
+    folders: dict[str, Path],
+    image,
+    *,
+    prompt: str,
+    negative_prompt: str,
+    layers: int,
+    steps: int,
+    seed: int,
+    guidance: float = 4.0,
+    lora: Path | None = None,
+) -> list[np.ndarray]:
+    """8-bit RGBA layers of diffusers' QwenImageLayeredPipeline (the composite is not decoded there), with the
+    release's scheduler config and CFG normalisation on (tsumugi, like Musubi, always normalises).
+
+    The pipeline sizes its input to a 640x640 or 1024x1024 area (step 32); here its size rule returns the
+    RGBA ``image``'s own size, so neither side resamples it.
+    """
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageLayeredPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from tsumugi.arch.qwen_image_layered import QWEN_IMAGE_LAYERED_SCHEDULER_CONFIG
+    from tsumugi.text.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer("qwen_image")
+    pipe = QwenImageLayeredPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_LAYERED_SCHEDULER_CONFIG),
+        vae=AutoencoderKLQwenImage.from_pretrained(folders["vae"]),
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(folders["text_encoder"]),
+        tokenizer=tokenizer,
+        processor=_image_only_processor(tokenizer),
+        transformer=QwenImageTransformer2DModel.from_pretrained(folders["dit"]),
+    )
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    saved = pipeline_qwenimage_layered.calculate_dimensions
+    pipeline_qwenimage_layered.calculate_dimensions = lambda area, ratio: image.size
+    try:
+        out = pipe(
+            image=image, prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=guidance, layers=layers,
+            num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+            cfg_normalize=True,
+        )
+    finally:
+        pipeline_qwenimage_layered.calculate_dimensions = saved
+    return [(frame * 255).round().astype(np.uint8) for frame in out.images[0]]

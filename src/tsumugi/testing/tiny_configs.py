@@ -15,8 +15,12 @@ QWEN_VOCAB_SIZE = 151936
 TINY_TEXT_HIDDEN = 64
 
 
-def tiny_qwen_image_dit_config(num_layers: int = 2, zero_cond_t: bool = False) -> dict[str, Any]:
-    """QwenImageTransformer2DModel kwargs: 2 heads of 32 (RoPE axes 8+12+12), text width 64."""
+def tiny_qwen_image_dit_config(num_layers: int = 2, zero_cond_t: bool = False,
+                               layered: bool = False) -> dict[str, Any]:
+    """QwenImageTransformer2DModel kwargs: 2 heads of 32 (RoPE axes 8+12+12), text width 64.
+
+    ``layered``: Qwen-Image-Layered's extra time embedding (``use_additional_t_cond``) and layer-3D RoPE.
+    """
     return {
         "patch_size": 2,
         "in_channels": 64,
@@ -28,14 +32,17 @@ def tiny_qwen_image_dit_config(num_layers: int = 2, zero_cond_t: bool = False) -
         "guidance_embeds": False,
         "axes_dims_rope": (8, 12, 12),
         "zero_cond_t": zero_cond_t,
+        "use_additional_t_cond": layered,
+        "use_layer3d_rope": layered,
     }
 
 
-def tiny_qwen_image_vae_config() -> dict[str, Any]:
+def tiny_qwen_image_vae_config(layered: bool = False) -> dict[str, Any]:
     """AutoencoderKLQwenImage kwargs: 8x down-sampling like the real VAE, one residual block per level.
 
     One residual block (the release has two) keeps the conversion code honest about block counts.
-    The latent mean/std are the released, non-trivial values.
+    The latent mean/std are the released, non-trivial values. ``layered``: the RGBA VAE of
+    Qwen-Image-Layered (4 input and output channels).
     """
     return {
         "base_dim": 16,
@@ -45,7 +52,7 @@ def tiny_qwen_image_vae_config() -> dict[str, Any]:
         "attn_scales": [],
         "temperal_downsample": [False, True, True],
         "dropout": 0.0,
-        "input_channels": 3,
+        "input_channels": 4 if layered else 3,
     }
 
 

@@ -49,7 +49,16 @@ _TINY_CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "qwen3": tiny_configs.tiny_qwen3_config,
 }
 
-_PIPELINES = {"qwen_image": "QwenImagePipeline", "zimage": "ZImagePipeline"}
+_PIPELINES = {"qwen_image": "QwenImagePipeline", "zimage": "ZImagePipeline",
+              "qwen_image_layered": "QwenImageLayeredPipeline"}
+
+VARIANTS: dict[str, str] = {"qwen_image_layered": "qwen_image"}
+"""Tiny sets that are a variant of an architecture (same component kinds, other configs)."""
+
+_VARIANT_CONFIGS: dict[tuple[str, str], Callable[[], dict[str, Any]]] = {
+    ("qwen_image_layered", "qwen_image_dit"): lambda: tiny_configs.tiny_qwen_image_dit_config(layered=True),
+    ("qwen_image_layered", "qwen_image_vae"): lambda: tiny_configs.tiny_qwen_image_vae_config(layered=True),
+}
 
 
 def tiny_config(component: str) -> dict[str, Any]:
@@ -58,6 +67,12 @@ def tiny_config(component: str) -> dict[str, Any]:
         return _TINY_CONFIGS[component]()
     except KeyError:
         raise ValueError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}") from None
+
+
+def _tiny_component(arch: str, component: str, seed: int) -> torch.nn.Module:
+    """The tiny ``component`` of ``arch`` or of a variant such as ``qwen_image_layered``."""
+    variant = _VARIANT_CONFIGS.get((arch, component))
+    return build_random(component, variant(), seed) if variant else build_tiny(component, seed)
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
@@ -148,26 +163,29 @@ def save_component(model: torch.nn.Module, component: str, fmt: str, path: str |
 
 
 def write_tiny_model_root(root: str | Path, arch: str, seed: int = 0) -> Path:
-    """A diffusers model root for ``arch``: ``model_index.json`` + ``transformer/``, ``vae/``,
+    """A diffusers model root for ``arch`` (or a variant): ``model_index.json`` + ``transformer/``, ``vae/``,
     ``text_encoder/`` (no tokenizer or scheduler)."""
     import diffusers
 
     root = Path(root)
     index: dict[str, Any] = {"_class_name": _PIPELINES[arch], "_diffusers_version": diffusers.__version__}
     for role in ("dit", "vae", "text_encoder"):
-        spec = kind_for(role, arch)
-        save_component(build_tiny(spec.name, seed), spec.name, "diffusers", root / spec.subfolder)
+        spec = kind_for(role, VARIANTS.get(arch, arch))
+        save_component(_tiny_component(arch, spec.name, seed), spec.name, "diffusers", root / spec.subfolder)
         index[spec.subfolder] = [spec.library, spec.class_name]
     write_text_atomic(root / "model_index.json", json.dumps(index, indent=2))
     return root
 
 
 def write_tiny_set(directory: str | Path, arch: str, fmt: str = "comfy", seed: int = 0) -> dict[str, Path]:
-    """Tiny DiT, VAE and text encoder of ``arch`` in format ``fmt``: ``{"dit": p, "vae": p, "text_encoder": p}``."""
+    """Tiny DiT, VAE and text encoder of ``arch`` in format ``fmt``: ``{"dit": p, "vae": p, "text_encoder": p}``.
+
+    ``arch`` may also be a variant of :data:`VARIANTS` (``qwen_image_layered``: the Layered DiT and RGBA VAE
+    with the Qwen-Image text encoder)."""
     directory = Path(directory)
     out = {}
     for role in ("dit", "vae", "text_encoder"):
-        name = kind_for(role, arch).name
+        name = kind_for(role, VARIANTS.get(arch, arch)).name
         target = directory / name if fmt == "diffusers" else directory / f"{name}.safetensors"
-        out[role] = save_component(build_tiny(name, seed), name, fmt, target)
+        out[role] = save_component(_tiny_component(arch, name, seed), name, fmt, target)
     return out

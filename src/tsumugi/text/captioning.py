@@ -139,18 +139,20 @@ def plan_captions(
 
 
 def load_captioner(
-    model_path: str | Path, *, device: torch.device | str, dtype: torch.dtype = torch.bfloat16, fp8: bool = False
+    model_path: str | Path, *, device: torch.device | str, dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
+    flag: str = "--model_path",
 ) -> torch.nn.Module:
-    """Qwen2_5_VLForConditionalGeneration from a Qwen2.5-VL file that holds the vision tower and ``lm_head``."""
+    """Qwen2_5_VLForConditionalGeneration from a Qwen2.5-VL file that holds the vision tower and ``lm_head``
+    (``flag``: the option errors name)."""
     from tsumugi.models.detect import detect
     from tsumugi.models.loader import load_text_encoder
 
-    det = detect(model_path, "text_encoder", flag="--model_path")
+    det = detect(model_path, "text_encoder", flag=flag)
     with det.source:
         keys = set(det.keymap)
         described = det.describe()
     if det.kind != "qwen2_5_vl":
-        raise UserError(f"--model_path: {det.path} is {described}, expected a Qwen2.5-VL model")
+        raise UserError(f"{flag}: {det.path} is {described}, expected a Qwen2.5-VL model")
     missing = []
     if not any(k.startswith(("visual.", "model.visual.")) for k in keys):
         missing.append("the vision tower (visual.* weights)")
@@ -160,10 +162,10 @@ def load_captioner(
         missing.append("the language head (lm_head.weight)")
     if missing:
         raise UserError(
-            f"--model_path: {det.path} lacks {' and '.join(missing)}; captioning needs the full Qwen2.5-VL "
+            f"{flag}: {det.path} lacks {' and '.join(missing)}; captioning needs the full Qwen2.5-VL "
             "(e.g. ComfyUI's qwen_2.5_vl_7b.safetensors or the Qwen-Image text_encoder folder)"
         )
-    model = load_text_encoder(model_path, "qwen_image", flag="--model_path", dtype=dtype, device=device)
+    model = load_text_encoder(model_path, "qwen_image", flag=flag, dtype=dtype, device=device)
     if fp8:
         from tsumugi.memory.fp8_linear import quantize_linears_fp8
 

@@ -49,6 +49,11 @@ class CachedTrainingData:
     def num_items(self) -> int:
         return sum(len(d.items or ()) * d.num_repeats for d in self.datasets)
 
+    def items_without_controls(self) -> tuple[int, int]:
+        """(items without control images, all items), each dataset entry counted once (no repeats)."""
+        items = [item for dataset in self.datasets for item in dataset.items or ()]
+        return sum(not item.control_paths for item in items), len(items)
+
     def load(self, items: list[CachedItem]) -> TrainBatch:
         latents, text, controls = [], [], []
         for item in items:
@@ -56,6 +61,8 @@ class CachedTrainingData:
             latents.append(tensors["latents"])
             controls.append([tensors[k] for k in sorted(k for k in tensors if k.startswith("latents_control_"))])
             text.append(read_cache_file(item.text_path)[0][self.text_key])
+        if len({len(c) for c in controls}) > 1:  # batching keys on control sizes: cannot happen
+            raise ValueError(f"a batch mixes items with different control counts: {[i.latent_path for i in items]}")
         stacked_controls = [torch.stack([c[j] for c in controls]) for j in range(len(controls[0]))]
         return TrainBatch(torch.stack(latents), text, stacked_controls, items[0].bucket,
                           [i.latent_path for i in items])

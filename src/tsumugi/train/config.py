@@ -159,9 +159,9 @@ class TrainConfig:
     scale_weight_norms: float | None = _only("network", None)
     base_weights: list[str] | None = _only("network", None)
     base_weights_multiplier: list[float] | None = _only("network", None)
-    no_metadata: bool = _only("network", False)
-    training_comment: str | None = _only("network", None)
     lora_format: str = _only("network", "default")
+    no_metadata: bool = False
+    training_comment: str | None = None
     metadata_title: str | None = None
     metadata_author: str | None = None
     metadata_description: str | None = None

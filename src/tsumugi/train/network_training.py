@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
 
-from tsumugi.errors import UserError
 from tsumugi.train.config import TrainConfig
 from tsumugi.train.lora_metadata import lora_metadata
 from tsumugi.train.run_setup import (
@@ -27,16 +25,9 @@ from tsumugi.train.state import TrainProgress
 
 def import_network_module(name: str):
     """``networks.lora_qwen_image`` (Musubi's spelling) or a full module path."""
-    candidates = [name] + ([f"tsumugi.{name}"] if name.startswith("networks.") else [])
-    for candidate in candidates:
-        try:
-            module = importlib.import_module(candidate)
-        except ModuleNotFoundError:
-            continue
-        if hasattr(module, "create_network"):
-            return module
-    known = "networks.lora_qwen_image, networks.lora_zimage"
-    raise UserError(f"--network_module: {name!r} is not a network module (known: {known})")
+    from tsumugi.networks.network_modules import import_network_module as resolve
+
+    return resolve(name)
 
 
 def train_network(arch_name: str, args: TrainConfig) -> TrainingResult:

@@ -133,6 +133,11 @@ def start_run(arch_name: str, args: TrainConfig) -> TrainingRun:
     datasets = load_dataset_config(args.dataset_config, args, architecture=arch_code, verify_images=False)
     cached = check_caches_once(datasets, arch_code, model_version, arch.name)
     data = CachedTrainingData(datasets, cached, arch.text_cache_name)
+    if arch_code == "qie":
+        without, total = data.items_without_controls()
+        if without:
+            logger.info("%d of %d item(s) have no control image and train as text-to-image items (no control "
+                        "tokens in the DiT input)", without, total)
     seed = resolve_seed(args)
 
     log_with = effective_log_with(args)
