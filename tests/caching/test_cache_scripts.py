@@ -42,7 +42,7 @@ def _tensors(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
 def test_cached_latents_equal_direct_vae_encode(arch, tiny_sets, tmp_path):
     files = tiny_sets(arch)
     toml = write_tiny_dataset(tmp_path / "ds", 3, sizes=[(64, 48), (48, 80), (72, 64)])
-    _cache(arch, toml, files)
+    _cache(arch, toml, files, "--cache_dtype", "float32")
     code = SCRIPTS[arch][2]
     architecture = get_architecture(arch)
     vae = architecture.load_vae(str(files["vae"]), device="cpu")
@@ -86,7 +86,7 @@ def test_cached_text_embeddings_equal_diffusers_encode_prompt(arch, tiny_sets, t
     files = tiny_sets(arch)
     toml = write_tiny_dataset(tmp_path / "ds", 3, batch_size=3)
     (tmp_path / "ds/images/img001.txt").write_text("a much longer caption " * 8)
-    _cache(arch, toml, files)
+    _cache(arch, toml, files, "--cache_dtype", "float32")
     code = SCRIPTS[arch][2]
     captions = [p.read_text().strip() for p in sorted((tmp_path / "ds/images").glob("*.txt"))]
     reference = _reference_embeddings(arch, files, captions)
@@ -105,13 +105,46 @@ def test_batch_of_n_equals_n_batches_of_one(arch, tiny_sets, tmp_path):
     four = write_tiny_dataset(tmp_path / "four", 4, sizes=sizes, batch_size=4)
     (tmp_path / "one/images/img002.txt").write_text("short")
     (tmp_path / "four/images/img002.txt").write_text("short")
-    _cache(arch, one, files)
-    _cache(arch, four, files)
+    _cache(arch, one, files, "--cache_dtype", "float32")  # the computation, before rounding to bf16
+    _cache(arch, four, files, "--cache_dtype", "float32")
     a, b = _tensors(tmp_path / "one/cache"), _tensors(tmp_path / "four/cache")
     assert a.keys() == b.keys() and len(a) == 8
     for name in a:
         for key in a[name]:
             torch.testing.assert_close(a[name][key], b[name][key], rtol=1e-5, atol=1e-5)
+
+
+# Musubi's cache dtypes (its cache writers store what its encoders output): the Qwen-Image VAE runs in the
+# dtype of the released VAE file (bf16), the Z-Image VAE in float32, both text encoders in bf16.
+MUSUBI_DTYPES = {("qwen_image", "latents"): "bfloat16", ("qwen_image", "vl_embed"): "bfloat16",
+                 ("zimage", "latents"): "float32", ("zimage", "llm_embed"): "bfloat16"}
+
+
+@pytest.mark.parametrize("arch", ["qwen_image", "zimage"])
+def test_default_cache_dtypes_are_musubis_and_float32_stays_available(arch, tiny_sets, tmp_path):
+    files = tiny_sets(arch)
+    toml = write_tiny_dataset(tmp_path / "ds", 2, sizes=[(64, 48)])
+    cache = tmp_path / "ds/cache"
+    _cache(arch, toml, files, "--cache_dtype", "float32")
+    full = {p.name: (read_cache_file(p), p.stat().st_size) for p in sorted(cache.glob("*.safetensors"))}
+    _cache(arch, toml, files)
+    default = {p.name: (read_cache_file(p), p.stat().st_size) for p in sorted(cache.glob("*.safetensors"))}
+    assert full.keys() == default.keys() and len(full) == 4
+    for name, ((tensors, meta), size) in default.items():
+        (full_tensors, full_meta), full_size = full[name]
+        with safe_open(str(cache / name), framework="pt") as f:
+            (stored_key,) = f.keys()
+        (batch_name,) = tensors
+        expected = MUSUBI_DTYPES[(arch, batch_name)]
+        assert stored_key.endswith("_" + expected), stored_key  # Musubi reads the dtype from the key
+        assert tensors[batch_name].dtype == getattr(torch, expected)
+        assert full_tensors[batch_name].dtype == torch.float32
+        assert torch.equal(tensors[batch_name], full_tensors[batch_name].to(getattr(torch, expected)))
+        if expected == "bfloat16":
+            assert size < full_size * 0.75, (name, size, full_size)
+        # the dtype is not part of the staleness metadata (stat tokens differ: the images were new the first time)
+        assert {k: v for k, v in meta.items() if k != "tsumugi.stats"} == {
+            k: v for k, v in full_meta.items() if k != "tsumugi.stats"}
 
 
 def test_skip_existing_redoes_only_stale_items(tiny_sets, tmp_path, caplog):
@@ -209,7 +242,7 @@ def test_edit_caches_controls_and_feeds_them_to_the_vl_encoder(version, tiny_set
 
     files = tiny_sets("qwen_image")
     toml = write_tiny_dataset(tmp_path / "ds", 2, sizes=[(64, 48)], controls_per_item=2)
-    _cache("qwen_image", toml, files, "--model_version", version)
+    _cache("qwen_image", toml, files, "--model_version", version, "--cache_dtype", "float32")
     arch = get_architecture("qwen_image")
     (dataset,) = load_dataset_config(toml, architecture="qie")
     vae = arch.load_vae(str(files["vae"]), device="cpu")

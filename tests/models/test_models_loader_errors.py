@@ -78,7 +78,11 @@ def test_fp8_scaled_not_supported(tiny, tmp_path):
 def test_plain_fp8_weights_are_upcast(tiny, tmp_path):
     sd = comfy_state_dict(tiny("qwen_image_dit"), "qwen_image_dit")
     fp8 = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in sd.items()}
-    path = save_file_atomic(fp8, tmp_path / "q_fp8.safetensors")
+    from tsumugi.models.configs import config_to_metadata
+    from tsumugi.testing.tiny_configs import tiny_qwen_image_dit_config
+
+    # the tiny RoPE split is not provable from shapes: store the config as any tiny file does
+    path = save_file_atomic(fp8, tmp_path / "q_fp8.safetensors", config_to_metadata(tiny_qwen_image_dit_config()))
     model = load_dit(path, "qwen_image", dtype=torch.float32)
     state = model.state_dict()
     for key, value in fp8.items():
@@ -152,3 +156,42 @@ def test_header_only_errors_happen_before_reading_data(tiny_file, monkeypatch):
         load_dit(tiny_file("qwen2_5_vl", "comfy"), "zimage")
     with open_safetensors(tiny_file("qwen2_5_vl", "comfy")) as src:
         assert len(src) > 0
+
+
+def _without_metadata(path, tmp_path, name="bare.safetensors"):
+    from safetensors.torch import load_file, save_file
+
+    bare = tmp_path / name
+    save_file(load_file(str(path)), str(bare))  # same tensors, no tsumugi.config
+    return bare
+
+
+@pytest.mark.parametrize(("component", "arch", "key"), [("zimage_dit", "zimage", "axes_dims"),
+                                                        ("qwen_image_dit", "qwen_image", "axes_dims_rope")])
+def test_dit_with_unreleased_heads_and_no_config_is_refused_at_load(tiny_file, tmp_path, component, arch, key):
+    """The tiny DiTs have 2 heads of 32 (the releases: 128-wide heads, RoPE axes summing to 128): the
+    shapes prove the head size, but not how RoPE splits it. Without the stored config the loader must
+    say so, not build a model that fails at its first forward."""
+    path = tiny_file(component, "comfy")
+    load_dit(path, arch)  # with its tsumugi.config metadata it loads
+    bare = _without_metadata(path, tmp_path)
+    with pytest.raises(UserError) as e:
+        load_dit(bare, arch)
+    message = _one_line(e)
+    assert message.startswith(f"--dit: {bare}: cannot determine the RoPE split {key}")
+    assert "head size is 32" in message and "config.json" in message and "'tsumugi.config'" in message
+
+
+def test_zimage_dit_without_qk_norm_and_unknown_head_count_is_refused(tmp_path):
+    from diffusers import ZImageTransformer2DModel
+    from safetensors.torch import save_file
+
+    from tsumugi.testing.tiny_configs import tiny_zimage_dit_config
+
+    config = {**tiny_zimage_dit_config(), "qk_norm": False}
+    path = tmp_path / "no_qk_norm.safetensors"
+    save_file({k: v.contiguous() for k, v in ZImageTransformer2DModel(**config).state_dict().items()}, str(path))
+    with pytest.raises(UserError) as e:
+        load_dit(path, "zimage")
+    message = _one_line(e)
+    assert "cannot determine the attention head count n_heads" in message and "width 64" in message

@@ -88,6 +88,25 @@ def test_atomic_write_and_metadata(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["lora.safetensors"]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_recorded_and_musubi_incompatibility_said_once(layout, tmp_path, caplog):
+    _, net = trained(ZIMAGE)
+    with caplog.at_level(logging.WARNING, logger="tsumugi.networks.lora_save"):
+        for step in range(3):
+            save_lora(net, tmp_path / f"lora{step}.safetensors", layout, metadata={"ss_steps": str(step)})
+    told = [r.getMessage() for r in caplog.records if "Musubi Tuner does not" in r.getMessage()]
+    assert len(told) == (0 if layout == "musubi" else 1), told
+    if told:
+        assert f"{layout!r} layout" in told[0] and "--lora_format musubi" in told[0]
+    for step in range(3):
+        with safe_open(str(tmp_path / f"lora{step}.safetensors"), framework="pt") as f:
+            assert f.metadata()["tsumugi.lora_layout"] == layout
+    # Musubi's own loader keys modules by the name before the first dot, ``lora_unet_<path with _>``:
+    # only the musubi layout names its modules so.
+    with safe_open(str(tmp_path / "lora0.safetensors"), framework="pt") as f:
+        assert all(k.startswith("lora_unet_") for k in f.keys()) == (layout == "musubi")
+
+
 class _Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)

@@ -34,6 +34,24 @@ _DTYPE_NAMES = sorted(
 )
 _SHAPE_TOKEN = re.compile(r"_\d+x\d+x\d+$")
 ARCH_METADATA_NAME = {"qi": "qwen_image", "qie": "qwen_image", "qil": "qwen_image", "zi": "z_image"}
+MUSUBI_CACHE_DTYPES = {
+    ("qwen_image", "latent"): torch.bfloat16,
+    ("qwen_image", "text"): torch.bfloat16,
+    ("zimage", "latent"): torch.float32,
+    ("zimage", "text"): torch.bfloat16,
+}
+"""The dtype Musubi stores each cached tensor in (it saves what its encoders output): its Qwen-Image VAE
+computes in the dtype of the VAE file (bf16 for the released one), its Z-Image VAE in float32, and both
+text encoders run in bf16 (an fp8 encoder's output is stored as bf16)."""
+CACHE_DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cache_dtype(arch_name: str, kind: str, requested: str | None = None) -> torch.dtype:
+    """The dtype to store ``kind`` (``"latent"`` / ``"text"``) tensors in: ``requested`` (a
+    ``--cache_dtype`` name) or Musubi's (:data:`MUSUBI_CACHE_DTYPES`)."""
+    if requested is not None:
+        return CACHE_DTYPE_CHOICES[requested]
+    return MUSUBI_CACHE_DTYPES[(arch_name, kind)]
 
 
 def latent_cache_name(stem: str, width: int, height: int, arch_code: str) -> str:

@@ -100,8 +100,11 @@ def cache_latents(
     num_workers: int = 1,
     skip_existing: bool = False,
     keep_cache: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> CacheReport:
-    """Encode every item of every dataset; ``skip_existing`` keeps files whose metadata is current."""
+    """Encode every item of every dataset; ``skip_existing`` keeps files whose metadata is current.
+
+    The VAE output is stored in ``dtype`` (see ``cache_files.cache_dtype``; None: as computed)."""
     report = CacheReport()
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         for dataset in datasets:
@@ -130,7 +133,7 @@ def cache_latents(
                 if work:
                     loaded = list(pool.map(load_item, [w[0] for w in work], repeat(batch.bucket), repeat(dataset)))
                     _write_batch(arch, arch_code, vae, batch.bucket, work, loaded, batch_size or dataset.batch_size,
-                                 model_version, vae_identity, report)
+                                 model_version, vae_identity, report, dtype)
                 progress.update(len(items))
             progress.close()
             remove_orphans(dataset.cache_directory, arch_code, "latent", produced, keep_cache, report)
@@ -148,10 +151,14 @@ def _write_batch(
     model_version: str,
     vae_identity: str,
     report: CacheReport,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    targets = _encode(arch, vae, [data.target for data in loaded], chunk)
+    def encode(pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.to(dtype) if dtype is not None else t for t in _encode(arch, vae, pixels, chunk)]
+
+    targets = encode([data.target for data in loaded])
     num_controls = len(loaded[0].controls)
-    control_latents = [_encode(arch, vae, [data.controls[j] for data in loaded], chunk) for j in range(num_controls)]
+    control_latents = [encode([data.controls[j] for data in loaded]) for j in range(num_controls)]
     for i, (item, path, source, controls, stats) in enumerate(work):
         tensors = {latent_key(targets[i]): targets[i]}
         for j in range(num_controls):

@@ -122,8 +122,11 @@ def cache_text_outputs(
     num_workers: int = 1,
     skip_existing: bool = False,
     keep_cache: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> CacheReport:
-    """Encode every caption; Edit versions feed each item's control images to the VL encoder too."""
+    """Encode every caption; Edit versions feed each item's control images to the VL encoder too.
+
+    Embeddings are stored in ``dtype`` (see ``cache_files.cache_dtype``; None: as computed, fp8 as bf16)."""
     report = CacheReport()
     uses_images = text_uses_images(arch_code, model_version)
     produced: dict[Path, set[Path]] = {}
@@ -169,8 +172,8 @@ def cache_text_outputs(
                         )
                     for (item, path, fps, stats), embed in zip(part, embeds):
                         embed = embed.detach().cpu()
-                        if embed.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                            embed = embed.to(torch.bfloat16)
+                        if dtype is not None or embed.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                            embed = embed.to(dtype or torch.bfloat16)
                         meta = text_metadata(arch_code, item.caption, model_version, encoder_identity, fps, stats)
                         write_cache_file(path, {varlen_key(arch.text_cache_name, embed): embed}, meta)
                         report.written.append(path)

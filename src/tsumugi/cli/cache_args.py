@@ -22,6 +22,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--console_back", default=None, help="see tsumugi.cli.flag_notes")
     parser.add_argument("--console_num_images", type=int, default=None, help="see tsumugi.cli.flag_notes")
     parser.add_argument("--disable_cudnn_backend", action="store_true", help="torch.backends.cudnn.enabled=False")
+    parser.add_argument("--cache_dtype", choices=["bfloat16", "float32"], default=None,
+                        help="dtype of the cached tensors (default: Musubi's: bfloat16, except float32 for Z-Image "
+                        "latents)")
 
 
 def build_cache_latents_parser(arch: Architecture) -> argparse.ArgumentParser:

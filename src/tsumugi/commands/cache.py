@@ -67,6 +67,7 @@ def _report(kind: str, report) -> None:
 
 
 def cache_latents_main(arch_name: str, argv: list[str] | None = None) -> int:
+    from tsumugi.caching.cache_files import cache_dtype
     from tsumugi.caching.fingerprint import model_identity
     from tsumugi.caching.latent_cache import cache_latents
 
@@ -87,12 +88,14 @@ def cache_latents_main(arch_name: str, argv: list[str] | None = None) -> int:
         arch, arch_code, datasets, vae,
         vae_identity=model_identity(args.vae), model_version=version, batch_size=args.batch_size,
         num_workers=_workers(args), skip_existing=args.skip_existing, keep_cache=args.keep_cache,
+        dtype=cache_dtype(arch.name, "latent", args.cache_dtype),
     )
     _report("latent", report)
     return 0
 
 
 def cache_text_main(arch_name: str, argv: list[str] | None = None) -> int:
+    from tsumugi.caching.cache_files import cache_dtype
     from tsumugi.caching.fingerprint import model_identity
     from tsumugi.caching.text_cache import cache_text_outputs
 
@@ -113,6 +116,7 @@ def cache_text_main(arch_name: str, argv: list[str] | None = None) -> int:
         arch, arch_code, datasets, text_encoder, arch.load_tokenizer(args.tokenizer),
         encoder_identity=identity, model_version=version, device=device, batch_size=args.batch_size,
         num_workers=_workers(args), skip_existing=args.skip_existing, keep_cache=args.keep_cache,
+        dtype=cache_dtype(arch.name, "text", args.cache_dtype),
     )
     _report("text-encoder", report)
     return 0

@@ -80,7 +80,7 @@ QWEN2_5_VL_7B: dict[str, Any] = {
         "max_position_embeddings": 128000,
         "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0,
-        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
         "tie_word_embeddings": False,
         "bos_token_id": 151643,
         "eos_token_id": 151645,
@@ -122,7 +122,7 @@ ZIMAGE_DIT: dict[str, Any] = {
     "rope_theta": 256.0,
     "t_scale": 1000.0,
     "axes_dims": [32, 48, 48],
-    "axes_lens": [1024, 512, 512],
+    "axes_lens": [1536, 512, 512],
 }
 
 FLUX_VAE: dict[str, Any] = {
@@ -141,6 +141,9 @@ FLUX_VAE: dict[str, Any] = {
     "use_quant_conv": False,
     "use_post_quant_conv": False,
     "mid_block_add_attention": True,
+    "force_upcast": True,
+    "latents_mean": None,
+    "latents_std": None,
 }
 
 QWEN3_4B: dict[str, Any] = {
@@ -435,6 +438,41 @@ def resolve_config(kind: str, shapes: Shapes, explicit: Mapping[str, Any] | None
         _prefer_rope_parameters(cfg)
     _deep_update(cfg, derive_from_shapes(kind, shapes, cfg, explicit or {}))
     return cfg
+
+
+def _attention_gaps(heads: int, head_dim: int, width: int, rope: list[int], heads_proven: bool,
+                    names: tuple[str, str]) -> list[str]:
+    """What a DiT config leaves unproven: ``names`` = (head-count key, RoPE-split key)."""
+    if not heads_proven:
+        return [f"the attention head count {names[0]} (no q/k norm weights give the head size, and the width "
+                f"{width} is not the released model's)"]
+    if sum(rope) != head_dim:
+        return [f"the RoPE split {names[1]} (the built-in {rope} sums to {sum(rope)}, the head size is {head_dim})"]
+    return []
+
+
+def unproven_dit_values(kind: str, cfg: Mapping[str, Any], shapes: Shapes,
+                        explicit: Mapping[str, Any] | None = None) -> list[str]:
+    """DiT config values that neither the tensor shapes nor the stored config (``explicit``) determine,
+    and that the released values do not fit (a model with another head count or RoPE split): building
+    it would fail at the first forward. Empty for the released models and for any file whose stored
+    config says it all."""
+    explicit = explicit or {}
+    if kind == "zimage_dit":
+        heads_proven = (_first(shapes, "layers.", ".attention.norm_q.weight") is not None or "n_heads" in explicit
+                        or cfg["dim"] == RELEASED[kind]["dim"])
+        return _attention_gaps(cfg["n_heads"], cfg["dim"] // max(cfg["n_heads"], 1), cfg["dim"],
+                               list(cfg["axes_dims"]), heads_proven, ("n_heads", "axes_dims"))
+    if kind == "qwen_image_dit":
+        width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        if (img_in := shapes.get("img_in.weight")) is not None:
+            width = img_in[0]
+        heads_proven = (_first(shapes, "transformer_blocks.", ".attn.norm_q.weight") is not None
+                        or "num_attention_heads" in explicit
+                        or width == cfg["num_attention_heads"] * cfg["attention_head_dim"])
+        return _attention_gaps(cfg["num_attention_heads"], cfg["attention_head_dim"], width,
+                               list(cfg["axes_dims_rope"]), heads_proven, ("num_attention_heads", "axes_dims_rope"))
+    return []
 
 
 def _prefer_rope_parameters(cfg: dict[str, Any]) -> None:

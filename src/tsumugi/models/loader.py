@@ -355,7 +355,15 @@ def _config(det: Detection, kind: str, shapes: Mapping[str, tuple[int, ...]], fl
             config = init_kwargs(kind, config)
         return config
     explicit = configs.config_from_metadata(det.source.metadata, kind, f"{flag}: {det.source.label}")
-    return configs.resolve_config(kind, shapes, explicit)
+    config = configs.resolve_config(kind, shapes, explicit)
+    if gaps := configs.unproven_dit_values(kind, config, shapes, explicit):
+        raise UserError(
+            f"{flag}: {det.path}: cannot determine {' and '.join(gaps)} of {KINDS[kind].with_article} from its "
+            f"tensor shapes or a stored config; pass a diffusers folder with its config.json, "
+            f"or store the constructor arguments as JSON in the file's metadata under "
+            f"{configs.CONFIG_METADATA_KEY!r}"
+        )
+    return config
 
 
 def _embed_key(kind: str) -> str:

@@ -42,13 +42,20 @@ Qwen-Image keeps the ``musubi`` layout: ComfyUI's Qwen model uses the diffusers 
 generic ``lora_unet_`` map covers every module, and diffusers' ``_convert_non_diffusers_qwen_lora_to_diffusers``
 restores the dotted names (``img_mod``/``txt_mod`` included) and folds alpha.
 
+Musubi Tuner itself reads only the ``musubi`` layout: it skips every key of the other two with a
+warning and trains or generates without the LoRA. Saving in another layout therefore logs that once
+per network (per training run), and files saved with metadata record their layout under
+``tsumugi.lora_layout`` (:data:`LAYOUT_METADATA_KEY`).
+
 Files are written atomically: temporary name in the same directory, fsync, ``os.replace``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import weakref
 from pathlib import Path
 
 import torch
@@ -58,6 +65,22 @@ from tsumugi.models.safetensors_io import save_file_atomic
 from tsumugi.networks.lora import LoRANetwork
 
 LAYOUTS = ("musubi", "diffusion_model", "diffusers")
+LAYOUT_METADATA_KEY = "tsumugi.lora_layout"
+
+logger = logging.getLogger(__name__)
+_told_not_for_musubi: weakref.WeakSet[LoRANetwork] = weakref.WeakSet()
+
+
+def _note_layout(network: LoRANetwork, layout: str) -> None:
+    """Say once per network that Musubi Tuner does not load a non-``musubi`` layout."""
+    if layout == "musubi" or network in _told_not_for_musubi:
+        return
+    _told_not_for_musubi.add(network)
+    logger.warning(
+        "LoRA files are saved in the %r layout: ComfyUI and diffusers load it, Musubi Tuner does not (it skips "
+        "every key with only a warning); for Musubi save with --lora_format musubi or convert the file with "
+        "convert_lora --target default", layout,
+    )
 
 
 def _resolve_layout(network: LoRANetwork, layout: str | None) -> str:
@@ -120,17 +143,19 @@ def save_lora(
 ) -> Path:
     """Write the network to ``path`` atomically; returns the path.
 
-    ``metadata`` values must be strings. When metadata is given, ``sshs_model_hash`` and
-    ``sshs_legacy_hash`` are added (computed over the tensors as written).
+    ``metadata`` values must be strings. When metadata is given, ``tsumugi.lora_layout``,
+    ``sshs_model_hash`` and ``sshs_legacy_hash`` are added (hashes computed over the tensors as written).
     """
     path = Path(path)
+    layout = _resolve_layout(network, layout)
+    _note_layout(network, layout)
     tensors = lora_state_dict(network, layout, dtype)
     meta = None
     if metadata is not None:
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             raise TypeError(f"safetensors metadata values must be strings: {', '.join(map(str, bad))}")
-        meta = dict(metadata)
+        meta = {**metadata, LAYOUT_METADATA_KEY: layout}
         if meta:
             meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(tensors, meta)
     return save_file_atomic(tensors, path, meta)

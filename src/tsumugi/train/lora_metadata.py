@@ -1,22 +1,53 @@
 """The ``ss_*`` and ``modelspec.*`` metadata written with trained LoRA files and full fine-tunes
 (``docs/design.md``, "LoRA files"). A full fine-tune gets the same set minus the network keys, and its
-``modelspec.architecture`` has no ``/lora`` suffix."""
+``modelspec.architecture`` has no ``/lora`` suffix.
+
+Every ``ss_*`` key Musubi Tuner writes for its LoRA training is written, unset values as ``"None"`` as
+Musubi does (its list: ``tests/train/musubi_lora_ss_keys.json``). Musubi leaves out the model hashes
+(too slow on a multi-GB DiT); we add the two cheap ones, ``ss_sd_model_hash`` and ``ss_vae_hash``: the
+"old" stable-diffusion-webui hash of the DiT and VAE files (SHA-256 of the 64 KiB at offset 1 MiB,
+first 8 hex digits, :func:`legacy_model_hash`). The full-file SHA-256 (``ss_new_sd_model_hash``) would
+read every byte of the DiT and is not written; the header-based identity that the caches use
+(``caching.fingerprint.model_identity``, a few kilobytes read) is written as ``tsumugi.dit_identity``
+and ``tsumugi.vae_identity`` instead."""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from tsumugi.data.config import DatasetConfig
-from tsumugi.train.config import TrainConfig
 
 BASE_MODEL_VERSION = {"original": "qwen_image", "edit": "qwen_image_edit", "edit-2509": "qwen_image_edit",
                       "edit-2511": "qwen_image_edit", "layered": "qwen_image_layered"}
 ARCHITECTURE_TITLE = {"original": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit-2509": "Qwen-Image-Edit-Plus",
                       "edit-2511": "Qwen-Image-Edit-2511", "layered": "Qwen-Image-Layered"}
 IMPLEMENTATION = {"qwen_image": "https://github.com/QwenLM/Qwen-Image", "zimage": "https://github.com/Tongyi-MAI/Z-Image"}
+
+
+def legacy_model_hash(path: str | Path) -> str | None:
+    """stable-diffusion-webui's old model hash of a file, or None for a folder or a missing file."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def _model_keys(args: argparse.Namespace) -> dict[str, Any]:
+    from tsumugi.caching.fingerprint import model_identity
+
+    out: dict[str, Any] = {"ss_sd_model_name": Path(args.dit).name, "ss_sd_model_hash": legacy_model_hash(args.dit),
+                           "tsumugi.dit_identity": model_identity(args.dit)}
+    if args.vae:
+        out.update(ss_vae_name=Path(args.vae).name, ss_vae_hash=legacy_model_hash(args.vae),
+                   **{"tsumugi.vae_identity": model_identity(args.vae)})
+    return {k: v for k, v in out.items() if v is not None}  # no hash for a folder
 
 
 def _dataset_summary(datasets: list[DatasetConfig]) -> str:
@@ -40,7 +71,7 @@ def _dataset_summary(datasets: list[DatasetConfig]) -> str:
 
 
 def lora_metadata(
-    args: TrainConfig,
+    args: argparse.Namespace,
     arch_name: str,
     model_version: str,
     datasets: list[DatasetConfig],
@@ -66,7 +97,7 @@ def lora_metadata(
                     ss_network_alpha=args.network_alpha)
     if network and args.network_args:
         meta["ss_network_args"] = json.dumps(dict(a.split("=", 1) for a in args.network_args))
-    if not args.no_metadata:
+    if not getattr(args, "no_metadata", False):
         meta.update(
             ss_session_id=session_id,
             ss_training_started_at=started_at,
@@ -83,14 +114,15 @@ def lora_metadata(
             ss_steps=steps,
             ss_epoch=epoch,
             ss_gradient_checkpointing=args.gradient_checkpointing,
+            ss_gradient_checkpointing_cpu_offload=bool(getattr(args, "gradient_checkpointing_cpu_offload", False)),
             ss_gradient_accumulation_steps=args.gradient_accumulation_steps,
-            ss_network_dropout=args.network_dropout,
-            ss_full_bf16=None if network else args.full_bf16,
+            ss_full_fp16=bool(getattr(args, "full_fp16", False)),
+            ss_full_bf16=bool(getattr(args, "full_bf16", False)),
             ss_mixed_precision=args.mixed_precision,
             ss_seed=args.seed,
-            ss_training_comment=args.training_comment,
+            ss_training_comment=getattr(args, "training_comment", None),
             ss_optimizer=optimizer_name,
-            ss_fp8_base=args.fp8_base,
+            ss_fp8_base=bool(getattr(args, "fp8_base", False)),
             ss_timestep_sampling=args.timestep_sampling,
             ss_sigmoid_scale=args.sigmoid_scale,
             ss_discrete_flow_shift=args.discrete_flow_shift,
@@ -100,9 +132,10 @@ def lora_metadata(
             ss_logit_std=args.logit_std,
             ss_mode_scale=args.mode_scale,
             ss_datasets=_dataset_summary(datasets),
-            ss_sd_model_name=Path(args.dit).name,
-            ss_vae_name=Path(args.vae).name if args.vae else None,
+            **_model_keys(args),
         )
+        if network:
+            meta["ss_network_dropout"] = getattr(args, "network_dropout", None)
     arch_title = args.metadata_arch or title
     resolution = args.metadata_reso or ("1328x1328" if base == "qwen_image" else "1024x1024")
     meta.update({
@@ -119,4 +152,5 @@ def lora_metadata(
             meta[f"modelspec.{key}"] = value
     if args.min_timestep is not None or args.max_timestep is not None:
         meta["modelspec.timestep_range"] = f"{args.min_timestep or 0},{args.max_timestep or 1000}"
-    return {k: str(v) for k, v in meta.items() if v is not None}
+    # Musubi writes str(value) for every ss_* key, None included
+    return {k: str(v) for k, v in meta.items() if v is not None or k.startswith("ss_")}
