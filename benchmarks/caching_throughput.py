@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import describe_device, markdown_table  # noqa: E402
 
-from tsumugi.caching.scripts import cache_latents_main, cache_text_main  # noqa: E402
+from tsumugi.commands.cache import cache_latents_main, cache_text_main  # noqa: E402
 from tsumugi.models.configs import released_config  # noqa: E402
 from tsumugi.testing.tiny_dataset import write_tiny_dataset  # noqa: E402
 from tsumugi.testing.tiny_models import build_random, save_component, write_tiny_set  # noqa: E402

@@ -35,7 +35,9 @@ from tsumugi.caching.fingerprint import file_fingerprint  # noqa: E402
 from tsumugi.caching.latent_cache import latent_path  # noqa: E402
 from tsumugi.caching.metadata import latent_metadata, text_metadata  # noqa: E402
 from tsumugi.caching.text_cache import text_path  # noqa: E402
-from tsumugi.cli.train_args import build_train_parser, parse_train_args, validate_train_args  # noqa: E402
+from tsumugi.cli.train_config_file import parse_train_args  # noqa: E402
+from tsumugi.cli.train_parser import build_train_parser  # noqa: E402
+from tsumugi.cli.train_validation import validate_train_args  # noqa: E402
 from tsumugi.data.batching import batch_key, selector_for  # noqa: E402
 from tsumugi.data.config import load_dataset_config  # noqa: E402
 from tsumugi.models.components import instantiate  # noqa: E402

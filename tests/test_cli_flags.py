@@ -18,7 +18,8 @@ import pytest
 
 from script_parsers import script_parsers
 from tsumugi.cli.flag_notes import NO_OP_FLAGS, help_text
-from tsumugi.cli.train_args import ATTENTION_FLAGS, build_train_parser, parse_train_args
+from tsumugi.cli.train_config_file import parse_train_args
+from tsumugi.cli.train_parser import ATTENTION_FLAGS, build_train_parser
 from tsumugi.data.config import ALL_DATASET_KEYS
 from tsumugi.errors import UserError
 from tsumugi.train.run_setup import REFUSED_FLAGS, refuse_unsupported

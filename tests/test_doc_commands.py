@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from script_parsers import script_parsers
-from tsumugi.cli.train_args import parse_train_args, validate_train_args
+from tsumugi.cli.train_config_file import parse_train_args
+from tsumugi.cli.train_validation import validate_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

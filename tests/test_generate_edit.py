@@ -22,6 +22,7 @@ from PIL import Image
 from tsumugi.errors import UserError
 from tsumugi.qwen_image_generate_image import main as qwen_main
 from tsumugi.testing.reference import reference_edit_image
+from tsumugi.train.config import TrainConfig
 
 STEPS, SEED, PROMPT, NEGATIVE = 3, 321, "make the sky purple", "blurry"
 
@@ -174,7 +175,7 @@ def test_training_samples_refuse_control_lines(tmp_path, controls):
 
     prompts = tmp_path / "s.txt"
     prompts.write_text(f"edit this --ci {controls['square']}\n")
-    args = types.SimpleNamespace(sample_prompts=str(prompts), vae="v", output_dir=str(tmp_path), text_encoder=None)
+    args = TrainConfig(sample_prompts=str(prompts), vae="v", output_dir=str(tmp_path), text_encoder=None)
     with pytest.raises(UserError, match="--ci"):
         TrainingSampler(None, args, torch.device("cpu"), torch.float32)
 
@@ -215,8 +216,8 @@ def test_training_samples_with_controls_match_generation(controls, tiny_sets, tm
     files = tiny_sets("qwen_image")
     prompts = tmp_path / "s.txt"
     prompts.write_text(f"{PROMPT} --ci {controls['wide']} --w 64 --h 64 --d {SEED} --s 2 --l 4.0 --n {NEGATIVE}\n")
-    args = types.SimpleNamespace(sample_prompts=str(prompts), vae=str(files["vae"]), output_dir=str(tmp_path / "t"),
-                                 text_encoder=str(files["text_encoder"]), output_name="run", model_version="edit-2511")
+    args = TrainConfig(sample_prompts=str(prompts), vae=str(files["vae"]), output_dir=str(tmp_path / "t"),
+                       text_encoder=str(files["text_encoder"]), output_name="run", model_version="edit-2511")
     arch = get_architecture("qwen_image")
     sampler = TrainingSampler(arch, args, torch.device("cpu"), torch.float32)
     vae_images, vl_images = sampler.jobs[0].vae_controls, sampler.jobs[0].vl_controls

@@ -12,38 +12,8 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the pack
 
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import logging  # noqa: E402
-
 from tsumugi.cli.entry import run_main  # noqa: E402
-from tsumugi.cli.lora_tools_args import build_extract_parser  # noqa: E402
-
-logger = logging.getLogger("tsumugi.qwen_extract_lora")
-
-
-def extract_main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from tsumugi.cli.lora_tools_args import parse_device
-    from tsumugi.networks.lora_extract import extract_lora
-
-    args = build_extract_parser().parse_args(argv)
-    if args.mem_eff_safe_open:
-        logger.info("--mem_eff_safe_open: weights are always read one tensor at a time")
-    dtypes = {None: torch.float32, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
-              "bf16": torch.bfloat16}
-    layout = None if args.lora_format in ("default", "comfyui") else args.lora_format  # None: the family's
-    extract_lora(
-        args.model_org,
-        args.model_tuned,
-        args.save_to,
-        dim=args.dim,
-        device=parse_device(args.device, "cpu"),
-        clamp_quantile=args.clamp_quantile,
-        save_dtype=dtypes[args.save_precision],
-        layout=layout,
-        metadata=not args.no_metadata,
-    )
-    return 0
+from tsumugi.commands.lora_tools import extract_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

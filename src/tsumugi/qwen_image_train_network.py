@@ -10,7 +10,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the pack
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from tsumugi.cli.entry import run_main  # noqa: E402
-from tsumugi.train.network_training import train_network_main  # noqa: E402
+from tsumugi.commands.train import train_network_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

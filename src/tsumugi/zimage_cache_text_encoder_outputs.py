@@ -9,8 +9,8 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the pack
 
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from tsumugi.caching.scripts import cache_text_main  # noqa: E402
 from tsumugi.cli.entry import run_main  # noqa: E402
+from tsumugi.commands.cache import cache_text_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

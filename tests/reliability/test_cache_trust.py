@@ -109,7 +109,9 @@ def test_every_output_respects_the_umask(mask, tiny_sets, tmp_path):
     from PIL import Image
 
     from tsumugi import convert_lora, merge_lora
-    from tsumugi.cli.train_args import build_train_parser, parse_train_args, validate_train_args
+    from tsumugi.cli.train_config_file import parse_train_args
+    from tsumugi.cli.train_parser import build_train_parser
+    from tsumugi.cli.train_validation import validate_train_args
     from tsumugi.models.dit_checkpoint import save_dit_checkpoint
     from tsumugi.sample.png_output import save_latent, save_png
     from tsumugi.testing.tiny_configs import tiny_zimage_dit_config

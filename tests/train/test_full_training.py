@@ -14,7 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_train_network import PINNED, REPO, cached  # noqa: F401  (cached is a fixture)
 
-from tsumugi.cli.train_args import build_train_parser, parse_train_args, validate_train_args
+from tsumugi.cli.train_config_file import parse_train_args
+from tsumugi.cli.train_parser import build_train_parser
+from tsumugi.cli.train_validation import validate_train_args
 from tsumugi.errors import UserError
 from tsumugi.models.loader import load_dit
 from tsumugi.testing.tiny_models import comfy_state_dict

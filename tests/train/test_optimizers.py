@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from tsumugi.cli.train_args import build_train_parser, parse_train_args
+from tsumugi.cli.train_config_file import parse_train_args
+from tsumugi.cli.train_parser import build_train_parser
 from tsumugi.errors import UserError
 from tsumugi.train.lr_schedulers import create_lr_scheduler, resolve_steps
 from tsumugi.train.optimizers import (

@@ -11,13 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tsumugi.cli.train_args import (
-    build_train_parser,
-    parse_train_args,
-    resolve_lora_layout,
-    resolve_mixed_precision,
-    validate_train_args,
-)
+from tsumugi.cli.train_config_file import parse_train_args
+from tsumugi.cli.train_parser import build_train_parser
+from tsumugi.cli.train_validation import resolve_lora_layout, resolve_mixed_precision, validate_train_args
 from tsumugi.errors import UserError
 from tsumugi.train.lr_schedulers import steps_or_ratio
 
@@ -210,7 +206,7 @@ def test_config_file_missing_and_duplicate_keys(tmp_path, caplog):
     with pytest.raises(UserError, match="nothere.toml not found"):
         _parse("zimage", True, "--config_file", str(tmp_path / "nothere"))
     path = _write(tmp_path, "[a]\nseed = 1\n[b]\nseed = 2\n")
-    with caplog.at_level(logging.WARNING, logger="tsumugi.cli.train_args"):
+    with caplog.at_level(logging.WARNING, logger="tsumugi.cli.train_validation"):
         assert _parse("zimage", True, "--config_file", str(path)).seed == 2
     assert "seed" in caplog.text
 
@@ -316,7 +312,7 @@ def test_mixed_precision_reads_os_environ(monkeypatch):
 def test_attention_default_and_precedence(caplog):
     args = _validate("zimage", True)
     assert args.sdpa is True and args.attn_mode == "torch"
-    with caplog.at_level(logging.WARNING, logger="tsumugi.cli.train_args"):
+    with caplog.at_level(logging.WARNING, logger="tsumugi.cli.train_validation"):
         args = _validate("zimage", True, "--xformers", "--flash_attn", "--flash3")
     assert args.attn_mode == "flash" and args.flash_attn and not args.xformers and not args.flash3
     assert "--flash_attn" in caplog.text
@@ -335,7 +331,7 @@ def test_resolved_values(tmp_path, caplog):
     assert _validate("zimage", True, "--lora_format", "musubi").lora_layout == "musubi"
     assert resolve_lora_layout("zimage", "comfyui") == "diffusion_model"
     assert resolve_lora_layout("qwen_image", "diffusers") == "diffusers"
-    with caplog.at_level(logging.WARNING, logger="tsumugi.cli.train_args"):
+    with caplog.at_level(logging.WARNING, logger="tsumugi.cli.train_validation"):
         args = _validate("qwen_image", False, "--fp8_base", "--fp8_scaled")
     assert not args.fp8_base and not args.fp8_scaled and "full fine-tuning" in caplog.text
     state = tmp_path / "state"

@@ -13,7 +13,9 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from tsumugi.cli.train_args import build_train_parser, parse_train_args, validate_train_args
+from tsumugi.cli.train_config_file import parse_train_args
+from tsumugi.cli.train_parser import build_train_parser
+from tsumugi.cli.train_validation import validate_train_args
 from tsumugi.errors import UserError
 from tsumugi.testing.tiny_dataset import write_tiny_dataset
 from tsumugi.train.accelerator_options import kwargs_handlers, tracker_config

@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tsumugi.cli.train_args import build_train_parser, parse_train_args, validate_train_args
+from tsumugi.cli.train_config_file import parse_train_args
+from tsumugi.cli.train_parser import build_train_parser
+from tsumugi.cli.train_validation import validate_train_args
 from tsumugi.qwen_image_cache_latents import main as qwen_latents
 from tsumugi.qwen_image_cache_text_encoder_outputs import main as qwen_text
 from tsumugi.testing.tiny_dataset import write_tiny_dataset

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from tsumugi.arch.base import Architecture
-from tsumugi.cli.generate_args import UserErrorParser, add_model_version_flags
+from tsumugi.cli.common import UserErrorParser
+from tsumugi.cli.generate_args import add_model_version_flags
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

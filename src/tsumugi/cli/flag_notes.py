@@ -2,7 +2,7 @@
 
 Every flag a script parses either works, is refused by name before any work starts
 (:data:`tsumugi.train.run_setup.REFUSED_FLAGS`), or is listed in :data:`NO_OP_FLAGS` with the reason it
-has no effect. The parsers (:class:`tsumugi.cli.generate_args.UserErrorParser`) warn once for each such
+has no effect. The parsers (:class:`tsumugi.cli.common.UserErrorParser`) warn once for each such
 flag given a non-default value, and :class:`HelpFormatter` makes ``--help`` say the same: no-op flags read
 "no effect: <why>", refused flags end in "not supported yet; refused", other options show their default
 and whether they are required.

@@ -3,46 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from tsumugi.arch.base import Architecture
-from tsumugi.cli.flag_notes import HelpFormatter, warn_no_op_flags
-from tsumugi.errors import UserError
+from tsumugi.cli.common import COMPILE_FLAGS, UserErrorParser  # noqa: F401  (also imported from here)
+from tsumugi.model_versions import MODEL_VERSIONS, resolve_model_version  # noqa: F401  (also imported from here)
 from tsumugi.sample.jobs import DEFAULT_STEPS
 
-# --compile and its options (docs/training.md, "Memory options"), shared by the training and generate scripts.
-COMPILE_FLAGS: list[tuple[str, dict]] = [
-    ("--compile", {"action": "store_true", "help": "torch.compile the transformer blocks"}),
-    ("--compile_backend", {"type": str, "default": "inductor", "help": "torch.compile backend"}),
-    ("--compile_mode", {"type": str, "default": "default", "help": "torch.compile mode",
-                        "choices": ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]}),
-    ("--compile_dynamic", {"type": str, "default": None, "choices": ["true", "false", "auto"],
-                           "help": "torch.compile dynamic shapes (default auto)"}),
-    ("--compile_fullgraph", {"action": "store_true", "help": "torch.compile fullgraph (training: not with split attention)"}),
-    ("--compile_cache_size_limit", {"type": int, "default": None, "help": "torch._dynamo cache size limit"}),
-]
-
 OUTPUT_TYPES = ("images", "latent", "latent_images", "both")
-MODEL_VERSIONS = ("original", "edit", "edit-2509", "edit-2511", "layered")
-
-
-class UserErrorParser(argparse.ArgumentParser):
-    """argparse whose usage errors are :class:`UserError` (one line, no traceback, exit status 2), whose
-    ``--help`` states defaults, ``required`` and no-op or refused flags, and which warns once for each
-    no-op flag given (:mod:`tsumugi.cli.flag_notes`)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-        self._warned_no_ops: set[str] = set()
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        parsed, extras = super().parse_known_args(args, namespace)
-        warn_no_op_flags(self, parsed, self._warned_no_ops)
-        return parsed, extras
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message}")
 
 
 def build_generate_parser(arch: Architecture) -> argparse.ArgumentParser:
@@ -151,16 +118,3 @@ def add_layered_flags(parser: argparse.ArgumentParser) -> None:
                          help="layered: a job without prompt text gets a caption of its input image, written by "
                          "the text encoder's language model with an English or Chinese instruction")
 
-
-def resolve_model_version(args: argparse.Namespace) -> str:
-    """Musubi's order: explicit --model_version, else --edit_plus, else --edit, else original."""
-    if getattr(args, "model_version", None):
-        version = args.model_version.lower()
-        if version not in MODEL_VERSIONS:
-            raise UserError(f"--model_version: {args.model_version!r} is not one of {', '.join(MODEL_VERSIONS)}")
-        return version
-    if getattr(args, "edit_plus", False):
-        return "edit-2509"
-    if getattr(args, "edit", False):
-        return "edit"
-    return "original"

@@ -1,4 +1,5 @@
-"""Command lines of the companion tools: ``qwen_extract_lora``, ``lora_post_hoc_ema``, ``caption_images_by_qwen_vl``.
+"""Command lines of the LoRA tools and companion scripts: ``merge_lora``, ``convert_lora``, ``qwen_extract_lora``,
+``lora_post_hoc_ema``, ``caption_images_by_qwen_vl``.
 
 Flag names and defaults are Musubi Tuner's; the few additions (``--lora_format``, ``--architecture``,
 ``--sort_by``, ``--output_dir``, ``--overwrite``, ``--device``) are marked in ``docs/lora_tools.md``.
@@ -8,10 +9,66 @@ from __future__ import annotations
 
 import argparse
 
-from tsumugi.cli.generate_args import UserErrorParser
-from tsumugi.cli.train_args import LORA_FORMATS
+from tsumugi.cli.common import UserErrorParser
+from tsumugi.cli.train_parser import LORA_FORMATS
 
 SAVE_PRECISIONS = ("float", "fp32", "fp16", "bf16")
+# --save_dtype of merge_lora
+MERGE_SAVE_DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
+
+
+def build_merge_parser() -> argparse.ArgumentParser:
+    parser = UserErrorParser(
+        prog="merge_lora",
+        description="Merge LoRA files into a Qwen-Image / Z-Image DiT and save one ComfyUI-layout file.",
+    )
+    parser.add_argument("--dit", required=True, help="DiT: ComfyUI single file, shard, index or diffusers folder")
+    parser.add_argument("--dit_in_channels", type=int, default=None, help="HunyuanVideo only in Musubi; ignored")
+    parser.add_argument("--lora_weight", nargs="*", default=None, help="LoRA files to merge, in order")
+    parser.add_argument(
+        "--lora_multiplier", nargs="*", type=float, default=None, help="one per --lora_weight (missing: 1.0)"
+    )
+    parser.add_argument("--save_merged_model", required=True, help="output .safetensors file (written atomically)")
+    parser.add_argument("--device", default=None, help="where the LoRA products are computed (cuda if available)")
+    parser.add_argument(
+        "--architecture", default="auto", choices=["auto", "qwen_image", "zimage"],
+        help="DiT architecture (default: detected from the DiT file)",
+    )
+    parser.add_argument(
+        "--save_dtype", default=None, choices=sorted(MERGE_SAVE_DTYPES),
+        help="dtype of the saved weights (default: the DiT's; bfloat16 for float8 DiTs)",
+    )
+    return parser
+
+
+def build_convert_parser() -> argparse.ArgumentParser:
+    parser = UserErrorParser(
+        prog="convert_lora",
+        description="Convert LoRA weights between the Musubi (default) and diffusers/ComfyUI (other) layouts.",
+    )
+    parser.add_argument("--input", required=True, help="source LoRA (.safetensors), any supported layout")
+    parser.add_argument("--output", required=True, help="destination file (written atomically)")
+    parser.add_argument(
+        "--target", required=True, choices=["other", "default"],
+        help="other: diffusers/ComfyUI keys (<prefix>.<module>.lora_A/B.weight); default: Musubi lora_unet_ keys",
+    )
+    parser.add_argument(
+        "--diffusers_prefix", default=None,
+        help="key prefix for --target other (default diffusion_model; '-' for none)",
+    )
+    parser.add_argument(
+        "--diffusers_adapter_name", default=None,
+        help="PEFT adapter name inserted in --target other keys (lora_A.<name>.weight); none by default",
+    )
+    parser.add_argument(
+        "--architecture", default="auto", choices=["auto", "qwen_image", "zimage"],
+        help="model the LoRA is for (default: detected from the module names)",
+    )
+    parser.add_argument(
+        "--keep_alpha", action="store_true",
+        help="--target other: keep the factors and write <module>.alpha instead of folding alpha into them",
+    )
+    return parser
 
 
 def build_extract_parser() -> argparse.ArgumentParser:

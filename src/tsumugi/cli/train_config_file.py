@@ -50,8 +50,7 @@ def parse_train_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
             raise UserError(_unknown_key_message(raw_key, key, path, parser, list(actions)))
         from_file[key] = _coerce(action, value, raw_key, path)
     args = parser.parse_args(argv, namespace=argparse.Namespace(**from_file))
-    args.config_file = str(path)
-    return args
+    return argparse.Namespace(**{**vars(args), "config_file": str(path)})
 
 
 def _config_path(name: str) -> Path:
@@ -128,14 +127,14 @@ def _lora_only_keys(parser: argparse.ArgumentParser, known: set[str]) -> set[str
     ``base_weights``...); empty for other parsers."""
     if parser.get_default("network_training") is not False:
         return set()
-    from tsumugi.cli.train_args import build_train_parser
+    from tsumugi.cli.train_parser import build_train_parser
 
     network = build_train_parser(parser.get_default("arch_name"), network=True)
     return {a.dest for a in network._actions if a.option_strings} - known
 
 
 def _scripts_accepting(key: str) -> list[str]:
-    from tsumugi.cli.train_args import ARCH_NAMES, build_train_parser  # the parsers of every training script
+    from tsumugi.cli.train_parser import ARCH_NAMES, build_train_parser  # every training parser
 
     found = []
     for arch in ARCH_NAMES:

@@ -17,6 +17,7 @@ from tsumugi.errors import UserError
 from tsumugi.preflight.estimates import check_image_memory, dit_save_bytes, lora_save_bytes, png_bytes
 from tsumugi.preflight.models import check_any_dit, check_lora, check_model, lora_rank
 from tsumugi.preflight.paths import require_file, require_output_dir, require_output_file
+from tsumugi.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,9 @@ def check_training_numbers(args: argparse.Namespace) -> None:
         check_number(value, "--base_weights_multiplier", what="finite numbers")
 
 
-def check_training(arch: str, args: argparse.Namespace) -> None:
+def check_training(arch: str, args: TrainConfig) -> None:
     """``*_train_network`` / ``*_train``: numbers, DiT, sample models and prompts, LoRA inputs, output folders."""
-    network = hasattr(args, "network_dim")
+    network = args.network_training
     check_training_numbers(args)
     dit = check_model(args.dit, arch, "dit", "--dit")
     if args.dataset_config:
@@ -82,7 +83,7 @@ def check_training(arch: str, args: argparse.Namespace) -> None:
         save_dtype = _SAVE_DTYPES[args.save_precision or "fp32"]
         need, what = lora_save_bytes(dit, rank, save_dtype), "one LoRA file"
     else:
-        weight = torch.bfloat16 if getattr(args, "full_bf16", False) else torch.float32
+        weight = torch.bfloat16 if args.full_bf16 else torch.float32
         save_dtype = _SAVE_DTYPES[args.save_precision] if args.save_precision else weight
         need, what = dit_save_bytes(dit, save_dtype), "one DiT checkpoint"
     require_output_dir(args.output_dir, "--output_dir", need, what)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tsumugi.errors import UserError
+from tsumugi.train.config import TrainConfig, flag_items
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ PATH_FLAGS = ("dit", "vae", "text_encoder", "tokenizer", "base_weights", "networ
 WANDB = ("wandb", "all")
 
 
-def effective_log_with(args: argparse.Namespace) -> str | None:
+def effective_log_with(args: TrainConfig) -> str | None:
     """``--log_with``, or ``tensorboard`` when only ``--logging_dir`` is given, else no logging."""
     return args.log_with or ("tensorboard" if args.logging_dir else None)
 
@@ -48,7 +49,7 @@ def load_tracker_config(path: str) -> dict[str, dict[str, Any]]:
     return data
 
 
-def tracker_init_kwargs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def tracker_init_kwargs(args: TrainConfig) -> dict[str, dict[str, Any]]:
     """``init_kwargs`` of ``accelerator.init_trackers``."""
     kwargs: dict[str, dict[str, Any]] = {}
     if args.wandb_run_name:
@@ -59,19 +60,19 @@ def tracker_init_kwargs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return kwargs
 
 
-def tracker_config(args: argparse.Namespace) -> dict[str, Any] | None:
+def tracker_config(args: TrainConfig) -> dict[str, Any] | None:
     """With ``--log_config``: the flags as tracker-friendly values (lists as text), without secrets and paths."""
     if not args.log_config:
         return None
     config: dict[str, Any] = {}
-    for key, value in sorted(vars(args).items()):
+    for key, value in sorted(flag_items(args).items()):
         if key in SECRET_FLAGS or key in PATH_FLAGS:
             continue
         config[key] = value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
     return config
 
 
-def kwargs_handlers(args: argparse.Namespace) -> list:
+def kwargs_handlers(args: TrainConfig) -> list:
     """accelerate kwargs handlers: the process-group timeout of ``--ddp_timeout``."""
     from accelerate import InitProcessGroupKwargs
 
@@ -80,7 +81,7 @@ def kwargs_handlers(args: argparse.Namespace) -> list:
     return []
 
 
-def prepare_wandb(args: argparse.Namespace, logging_dir: Path | None) -> None:
+def prepare_wandb(args: TrainConfig, logging_dir: Path | None) -> None:
     """As Musubi: wandb writes under the log folder, and ``--wandb_api_key`` logs in first."""
     if logging_dir is not None:
         logging_dir.mkdir(parents=True, exist_ok=True)

@@ -8,14 +8,22 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tsumugi.errors import UserError
 from tsumugi.models.safetensors_io import DiskFullError
+from tsumugi.train.config import TrainConfig
 from tsumugi.train.optimizers import optimizer_eval, optimizer_train
 from tsumugi.train.state import TrainingState, TrainProgress, is_complete
 from tsumugi.train.step_snapshot import StepSnapshot
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from tsumugi.memory.block_swap import BlockSwapper
+    from tsumugi.train.sample_prompts import TrainingSampler
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +36,11 @@ class CheckpointHooks:
     whose dropout must be off), or ``None``.
     """
 
-    def __init__(self, *, args, accelerator, state: TrainingState, save_weights: Callable[[Path, TrainProgress], None],
-                 trainable: torch.nn.Module | None, dit, optimizer, max_steps, sampler, swapper,
-                 histograms) -> None:
+    def __init__(self, *, args: TrainConfig, accelerator: Accelerator, state: TrainingState,
+                 save_weights: Callable[[Path, TrainProgress], None], trainable: torch.nn.Module | None,
+                 dit: torch.nn.Module, optimizer: torch.optim.Optimizer, max_steps: int,
+                 sampler: TrainingSampler | None, swapper: BlockSwapper | None, histograms: Any) -> None:
+        # histograms: TensorBoard's SummaryWriter of the run, or None (no tensorboard tracker)
         self.args, self.acc, self.save_weights, self.trainable = args, accelerator, save_weights, trainable
         self.state = state
         self.snapshot = StepSnapshot(state) if swapper is None and StepSnapshot.affordable(state) else None

@@ -16,14 +16,13 @@ Differences from Musubi Tuner's ``*_train`` (see also ``docs/full_finetuning.md`
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 import torch
 
-from tsumugi.cli.train_args import build_train_parser, parse_train_args, validate_train_args
 from tsumugi.counts import format_count
+from tsumugi.train.config import TrainConfig
 from tsumugi.train.lora_metadata import lora_metadata
 from tsumugi.train.run_setup import (
     SAVE_DTYPES,
@@ -32,6 +31,7 @@ from tsumugi.train.run_setup import (
     load_training_dit,
     max_train_steps,
     prepare_sampler,
+    recorded_flags,
     run_training,
     start_run,
 )
@@ -57,7 +57,7 @@ def follow_parameter_devices(optimizer: torch.optim.Optimizer) -> None:
                     state[key] = value.to(p.device)
 
 
-def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
+def train_full(arch_name: str, args: TrainConfig) -> TrainingResult:
     """Run full fine-tuning; returns the final DiT checkpoint and the step losses."""
     from tsumugi.models.dit_checkpoint import save_dit_checkpoint
     from tsumugi.train.lr_schedulers import create_lr_scheduler
@@ -98,7 +98,7 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
 
     def save_weights(path: Path, progress: TrainProgress) -> None:
         meta = lora_metadata(
-            args, arch_name, run.model_version, run.datasets, session_id=run.session_id,
+            recorded_flags(run), arch_name, run.model_version, run.datasets, session_id=run.session_id,
             started_at=run.started, steps=progress.global_step, epoch=progress.epoch,
             num_batches_per_epoch=run.data.batches_per_epoch(), num_epochs=run.num_epochs,
             optimizer_name=info.metadata, network=False,
@@ -110,9 +110,3 @@ def train_full(arch_name: str, args: argparse.Namespace) -> TrainingResult:
                         state_module=dit, tracker_name="fine-tuning", fused=fused,
                         before_step=before_step)
 
-
-def train_full_main(arch_name: str, argv: list[str] | None = None) -> int:
-    parser = build_train_parser(arch_name, network=False)
-    args = validate_train_args(parse_train_args(parser, argv))
-    train_full(arch_name, args)
-    return 0

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from tsumugi.cli.train_args import build_train_parser, parse_train_args, validate_train_args
+from tsumugi.train.config import TrainConfig
 from tsumugi.train.lora_metadata import lora_metadata
 from tsumugi.train.run_setup import (
     COMPUTE_DTYPES,
@@ -17,6 +16,7 @@ from tsumugi.train.run_setup import (
     load_training_dit,
     max_train_steps,
     prepare_sampler,
+    recorded_flags,
     run_training,
     start_run,
 )
@@ -30,7 +30,7 @@ def import_network_module(name: str):
     return resolve(name)
 
 
-def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
+def train_network(arch_name: str, args: TrainConfig) -> TrainingResult:
     """Run LoRA training; returns the final LoRA file and the step losses."""
     from tsumugi.networks.lora_save import save_lora
     from tsumugi.train.lr_schedulers import create_lr_scheduler
@@ -66,7 +66,7 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
 
     def save_weights(path: Path, progress: TrainProgress) -> None:
         meta = lora_metadata(
-            args, arch_name, run.model_version, run.datasets, session_id=run.session_id,
+            recorded_flags(run), arch_name, run.model_version, run.datasets, session_id=run.session_id,
             started_at=run.started, steps=progress.global_step, epoch=progress.epoch,
             num_batches_per_epoch=run.data.batches_per_epoch(), num_epochs=run.num_epochs,
             optimizer_name=info.metadata,
@@ -82,9 +82,3 @@ def train_network(arch_name: str, args: argparse.Namespace) -> TrainingResult:
                         lr_scheduler=lr_scheduler, save_weights=save_weights, trainable=network,
                         state_module=network, tracker_name="network_train", after_step=after_step)
 
-
-def train_network_main(arch_name: str, argv: list[str] | None = None) -> int:
-    parser = build_train_parser(arch_name, network=True)
-    args = validate_train_args(parse_train_args(parser, argv))
-    train_network(arch_name, args)
-    return 0

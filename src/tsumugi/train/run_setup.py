@@ -7,7 +7,7 @@ optimizer and scheduler, resume, trackers, sampling, the loop and the final save
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -35,6 +35,7 @@ from tsumugi.train.accelerator_options import (
 )
 from tsumugi.train.cached_data import CachedTrainingData
 from tsumugi.train.checkpoint_hooks import CheckpointHooks
+from tsumugi.train.config import TrainConfig
 from tsumugi.train.interrupts import StopRequest
 from tsumugi.train.optimizers import optimizer_train
 from tsumugi.train.output_lock import OutputLock
@@ -61,16 +62,16 @@ REFUSED_FLAGS = {
 }
 
 
-def refuse_unsupported(args: argparse.Namespace) -> None:
+def refuse_unsupported(args: TrainConfig) -> None:
     """Raise a :class:`UserError` naming every given flag whose feature tsumugi does not have yet."""
     given = [f"--{name} ({what})" for name, what in REFUSED_FLAGS.items()
              if getattr(args, name, None) and (name != "dynamo_backend" or str(args.dynamo_backend).upper() != "NO")]
     if given:
         raise UserError("not supported by tsumugi yet: " + ", ".join(given) + "; remove them to train")
-    if getattr(args, "cuda_allow_tf32", False):
+    if args.cuda_allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if getattr(args, "cuda_cudnn_benchmark", False):
+    if args.cuda_cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
 
 
@@ -79,7 +80,7 @@ class TrainingRun:
     """The parts of one training invocation that do not depend on what is trained."""
 
     arch: Architecture
-    args: argparse.Namespace
+    args: TrainConfig
     model_version: str
     datasets: list[DatasetConfig]
     data: CachedTrainingData
@@ -88,6 +89,9 @@ class TrainingRun:
     log_with: str | None
     num_epochs: int | None = None
     """epochs the run covers (the last may be partial); set by :func:`max_train_steps`"""
+    max_train_steps: int | None = None
+    """optimizer steps of the run (``--max_train_steps`` or from ``--max_train_epochs``); set by
+    :func:`max_train_steps`"""
     sampler: object = None
     """the :class:`~tsumugi.train.sample_prompts.TrainingSampler` from :func:`prepare_sampler`, or ``None``"""
     session_id: int = field(default_factory=lambda: random.SystemRandom().randint(0, 2**31))
@@ -114,14 +118,14 @@ class TrainingResult:
     """wall time of each step after the first (for benchmarks)"""
 
 
-def start_run(arch_name: str, args: argparse.Namespace) -> TrainingRun:
+def start_run(arch_name: str, args: TrainConfig) -> TrainingRun:
     """Check flags, datasets and caches, then create the accelerator (nothing heavy is loaded yet)."""
     from accelerate import Accelerator
 
     arch = get_architecture(arch_name)
     refuse_unsupported(args)
     check_training(arch.name, args)  # every file and folder the run touches, before anything loads
-    model_version = getattr(args, "model_version", None) or "original"
+    model_version = args.model_version or "original"
     if model_version == "layered":
         raise UserError("--model_version layered: Qwen-Image-Layered training is not supported yet")
     arch_code = arch.cache_arch_code(model_version)
@@ -178,12 +182,12 @@ def load_training_dit(run: TrainingRun, dtype: torch.dtype, *, trainable: bool):
     arch, args, device = run.arch, run.args, run.device
     swap = bool(args.blocks_to_swap)
     steps = []
-    if getattr(args, "base_weights", None):
+    if args.base_weights:
         from tsumugi.networks.lora_merge import LoraMergeStep
 
         steps.append(LoraMergeStep(args.base_weights, args.base_weights_multiplier, flag="--base_weights",
                                    multiplier_flag="--base_weights_multiplier"))
-    if getattr(args, "fp8_base", False):
+    if args.fp8_base:
         from tsumugi.memory.fp8_dit import Fp8DitStep
 
         steps.append(Fp8DitStep(arch.name, scaled=args.fp8_scaled))
@@ -197,11 +201,11 @@ def load_training_dit(run: TrainingRun, dtype: torch.dtype, *, trainable: bool):
                         **stream)
     dit.requires_grad_(trainable)
     dit.train(trainable)
-    if getattr(args, "fp8_base", False):
+    if args.fp8_base:
         for module in dit.modules():  # fp8 layers stay frozen (LoRA training only)
             if hasattr(module, "scale_weight"):
                 module.requires_grad_(False)
-    if args.gradient_checkpointing and getattr(args, "gradient_checkpointing_cpu_offload", False):
+    if args.gradient_checkpointing and args.gradient_checkpointing_cpu_offload:
         from tsumugi.memory.activation_offload import enable_checkpointing_with_cpu_offload
 
         enable_checkpointing_with_cpu_offload(dit, pin_memory=device.type == "cuda")
@@ -210,11 +214,11 @@ def load_training_dit(run: TrainingRun, dtype: torch.dtype, *, trainable: bool):
     from tsumugi.memory.attention import apply_attention_mode
 
     apply_attention_mode(dit, args.attn_mode, flag="--" + {"torch": "sdpa"}.get(args.attn_mode, args.attn_mode))
-    if getattr(args, "split_attn", False):
+    if args.split_attn:
         from tsumugi.memory.split_attention import apply_split_attention
 
         apply_split_attention(dit)
-    if getattr(args, "compile", False):
+    if args.compile:
         from tsumugi.memory.compile_blocks import compile_blocks
 
         # only block forwards are compiled: block swap's hooks stay eager; with swap the Linears run eagerly
@@ -227,19 +231,26 @@ def load_training_dit(run: TrainingRun, dtype: torch.dtype, *, trainable: bool):
 
         swapper = attach_block_swap(dit, args.blocks_to_swap, device, arch.name, mode="train",
                                     pinned=args.use_pinned_memory_for_block_swap,
-                                    h2d_only=getattr(args, "block_swap_h2d_only", False),
+                                    h2d_only=args.block_swap_h2d_only,
                                     slots=args.block_swap_ring_size)
     return dit, swapper
 
 
 def max_train_steps(run: TrainingRun) -> int:
-    """``--max_train_steps``, or ``--max_train_epochs`` converted to steps (written back into ``args``)."""
+    """``--max_train_steps``, or ``--max_train_epochs`` converted to steps; sets ``run.max_train_steps``
+    and ``run.num_epochs``."""
     args = run.args
     per_epoch = steps_per_epoch(run.data, run.accelerator.num_processes, args.gradient_accumulation_steps)
-    if args.max_train_epochs:
-        args.max_train_steps = args.max_train_epochs * per_epoch
-    run.num_epochs = math.ceil(args.max_train_steps / per_epoch)
-    return args.max_train_steps
+    steps = args.max_train_epochs * per_epoch if args.max_train_epochs else args.max_train_steps
+    run.max_train_steps = steps
+    run.num_epochs = math.ceil(steps / per_epoch)
+    return steps
+
+
+def recorded_flags(run: TrainingRun) -> TrainConfig:
+    """The configuration as states and trackers record it: with the run's seed (drawn when ``--seed`` is
+    omitted) and its step count (from ``--max_train_epochs`` when given)."""
+    return dataclasses.replace(run.args, seed=run.seed, max_train_steps=run.max_train_steps)
 
 
 def claim_outputs(run: TrainingRun, *, network: bool) -> None:
@@ -335,11 +346,12 @@ def run_training(
 def _run_training(run: TrainingRun, *, dit, swapper, params, optimizer, lr_scheduler, save_weights, trainable,
                   tracker_name, state_module, fused, before_step, after_step) -> TrainingResult:
     args, accelerator = run.args, run.accelerator
-    max_steps = args.max_train_steps
-    state = TrainingState(accelerator, state_module, optimizer, lr_scheduler, run.identity, args)
+    max_steps = run.max_train_steps if run.max_train_steps is not None else max_train_steps(run)
+    recorded = recorded_flags(run)
+    state = TrainingState(accelerator, state_module, optimizer, lr_scheduler, run.identity, recorded)
     progress = resume_progress(run, state)
     if run.log_with:
-        accelerator.init_trackers(args.log_tracker_name or tracker_name, config=tracker_config(args),
+        accelerator.init_trackers(args.log_tracker_name or tracker_name, config=tracker_config(recorded),
                                   init_kwargs=tracker_init_kwargs(args))
     hooks = CheckpointHooks(args=args, accelerator=accelerator, state=state, save_weights=save_weights,
                             trainable=trainable, dit=dit, optimizer=optimizer, max_steps=max_steps,

@@ -31,6 +31,7 @@ from tsumugi.sample.generate import (
 )
 from tsumugi.sample.jobs import GenerationJob, JobDefaults, build_jobs, job_parameters, random_seed
 from tsumugi.sample.prompt_lines import PromptLine, read_prompt_file
+from tsumugi.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class TrainingSampler:
     load nothing. ``text_encoder_dtype`` defaults to bfloat16 on CUDA and float32 elsewhere (as caching).
     """
 
-    def __init__(self, arch: Architecture, args, device: torch.device, text_encoder_dtype: torch.dtype | None = None,
+    def __init__(self, arch: Architecture, args: TrainConfig, device: torch.device, text_encoder_dtype: torch.dtype | None = None,
                  is_main: bool = True) -> None:
         self.arch, self.args, self.device, self._is_main = arch, args, device, is_main
         self.lines = read_prompt_file(args.sample_prompts, "--sample_prompts")
@@ -72,12 +73,12 @@ class TrainingSampler:
         self.vae = self.arch.load_vae(self.args.vae, device="cpu")
 
     @staticmethod
-    def check_controls(arch: Architecture, args, lines: list[PromptLine]) -> str:
+    def check_controls(arch: Architecture, args: TrainConfig, lines: list[PromptLine]) -> str:
         """Model version for lines with controls (``--ci``): edit versions only; Layered is not supported yet."""
         with_controls = [line.source for line in lines if line.control_images]
         if not with_controls:
             return "original"
-        from tsumugi.cli.generate_args import resolve_model_version
+        from tsumugi.model_versions import resolve_model_version
         from tsumugi.sample.edit import EDIT_VERSIONS
 
         version = resolve_model_version(args) if getattr(arch, "name", None) == "qwen_image" else "original"
@@ -119,7 +120,7 @@ class TrainingSampler:
     def _encoder_identity(self) -> str:
         from tsumugi.caching.fingerprint import model_identity
 
-        fp8 = getattr(self.args, "fp8_vl", False) or getattr(self.args, "fp8_llm", False)
+        fp8 = self.args.fp8_vl or self.args.fp8_llm
         return model_identity(self.args.text_encoder) + (":fp8" if fp8 else "")
 
     def _encode(self, keys: list[tuple], dtype: torch.dtype) -> dict[tuple, PromptEmbeds]:
@@ -129,8 +130,8 @@ class TrainingSampler:
         if not args.text_encoder:
             raise UserError("--sample_prompts needs --text_encoder to encode the sample prompts (they are not cached yet)")
         encoder = arch.load_text_encoder(args.text_encoder, dtype=dtype, device=device,
-                                         fp8=getattr(args, "fp8_vl", False) or getattr(args, "fp8_llm", False))
-        tokenizer = arch.load_tokenizer(getattr(args, "tokenizer", None))
+                                         fp8=args.fp8_vl or args.fp8_llm)
+        tokenizer = arch.load_tokenizer(args.tokenizer)
         embeds = encode_job_prompts(arch, encoder, tokenizer, self.jobs, device, self.model_version, keys)
         del encoder
         _release(device)

@@ -43,6 +43,7 @@ from tsumugi.models.safetensors_io import (
     save_file_streamed,
     write_text_atomic,
 )
+from tsumugi.train.config import flag_items
 
 logger = logging.getLogger(__name__)
 
@@ -281,8 +282,8 @@ def plain_tree(value: Any) -> Any:
 
 
 def flag_values(args) -> dict[str, Any]:
-    """Every parsed flag as JSON-able data."""
-    return {k: plain(v) for k, v in sorted(vars(args).items()) if not k.startswith("_")}
+    """Every flag of the run's script as JSON-able data (parsed flags or a :class:`TrainConfig`)."""
+    return {k: plain(v) for k, v in sorted(flag_items(args).items()) if not k.startswith("_")}
 
 
 # ---- the state of a run -----------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ batches of 1 up to float rounding.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import logging
@@ -17,7 +16,8 @@ import math
 import random
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -27,9 +27,17 @@ from tsumugi.caching.validate import CachedItem
 from tsumugi.errors import UserError
 from tsumugi.fault_points import pause_point
 from tsumugi.train.cached_data import CachedTrainingData
+from tsumugi.train.config import TrainConfig
 from tsumugi.train.loss_weighting import flow_matching_target, loss_weights, noisy_input, weighted_mse
 from tsumugi.train.state import TrainProgress
 from tsumugi.train.timesteps import TimestepConfig, model_timesteps, sample_sigmas
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from tsumugi.train.checkpoint_hooks import CheckpointHooks
+    from tsumugi.train.fused_adafactor import FusedBackwardStep
+    from tsumugi.train.interrupts import StopRequest
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +110,9 @@ def steps_per_epoch(data: CachedTrainingData, world: int, accumulation: int) -> 
     return math.ceil((data.batches_per_epoch() // world) / accumulation)
 
 
-def resolve_seed(args: argparse.Namespace) -> int:
-    if args.seed is None:
-        args.seed = random.SystemRandom().randint(0, 2**32 - 1)
-    return int(args.seed)
+def resolve_seed(args: TrainConfig) -> int:
+    """``--seed``, or a random seed when it is omitted."""
+    return int(args.seed) if args.seed is not None else random.SystemRandom().randint(0, 2**32 - 1)
 
 
 class TrainingLoop:
@@ -117,8 +124,13 @@ class TrainingLoop:
     after gradients are complete and clipped, right before the optimizer step; ``after_step`` right after it.
     """
 
-    def __init__(self, *, arch, dit, params, data, optimizer, lr_scheduler, accelerator, args, progress,
-                 max_steps, hooks, fused=None, before_step=None, after_step=None, stop=None) -> None:
+    def __init__(self, *, arch: Architecture, dit: torch.nn.Module, params: list[torch.Tensor],
+                 data: CachedTrainingData, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+                 accelerator: Accelerator, args: TrainConfig, progress: TrainProgress, max_steps: int,
+                 hooks: CheckpointHooks, fused: FusedBackwardStep | None = None,
+                 before_step: Callable[[], None] | None = None, after_step: Callable[[], None] | None = None,
+                 stop: StopRequest | None = None) -> None:
+        # lr_scheduler: a torch LR scheduler as prepared by accelerate (AcceleratedScheduler wraps it)
         self.arch, self.dit, self.data = arch, dit, data
         self.optimizer, self.lr_scheduler, self.accelerator = optimizer, lr_scheduler, accelerator
         self.args, self.progress, self.max_steps, self.hooks = args, progress, max_steps, hooks

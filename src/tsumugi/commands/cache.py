@@ -12,10 +12,10 @@ import torch
 from tsumugi.arch import get_architecture
 from tsumugi.arch.base import Architecture
 from tsumugi.cli.cache_args import build_cache_latents_parser, build_cache_text_parser
-from tsumugi.cli.generate_args import resolve_model_version
 from tsumugi.data.config import DatasetConfig, load_dataset_config
 from tsumugi.data.problems import short_list
 from tsumugi.errors import UserError
+from tsumugi.model_versions import resolve_model_version
 from tsumugi.preflight.runs import check_caching
 
 logger = logging.getLogger(__name__)
@@ -35,9 +35,12 @@ def _setup(arch: Architecture, args: argparse.Namespace) -> tuple[str, str, list
     if args.disable_cudnn_backend:
         torch.backends.cudnn.enabled = False
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.num_workers is None:
-        args.num_workers = max(1, (os.cpu_count() or 2) - 1)
     return version, arch_code, datasets, device
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """``--num_workers``, default: one thread fewer than the CPU count."""
+    return args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
 
 
 def _preview(datasets: list[DatasetConfig], args: argparse.Namespace) -> int:
@@ -84,7 +87,7 @@ def cache_latents_main(arch_name: str, argv: list[str] | None = None) -> int:
     report = cache_latents(
         arch, arch_code, datasets, vae,
         vae_identity=model_identity(args.vae), model_version=version, batch_size=args.batch_size,
-        num_workers=args.num_workers, skip_existing=args.skip_existing, keep_cache=args.keep_cache,
+        num_workers=_workers(args), skip_existing=args.skip_existing, keep_cache=args.keep_cache,
         dtype=cache_dtype(arch.name, "latent", args.cache_dtype),
     )
     _report("latent", report)
@@ -112,7 +115,7 @@ def cache_text_main(arch_name: str, argv: list[str] | None = None) -> int:
     report = cache_text_outputs(
         arch, arch_code, datasets, text_encoder, arch.load_tokenizer(args.tokenizer),
         encoder_identity=identity, model_version=version, device=device, batch_size=args.batch_size,
-        num_workers=args.num_workers, skip_existing=args.skip_existing, keep_cache=args.keep_cache,
+        num_workers=_workers(args), skip_existing=args.skip_existing, keep_cache=args.keep_cache,
         dtype=cache_dtype(arch.name, "text", args.cache_dtype),
     )
     _report("text-encoder", report)
