@@ -16,6 +16,7 @@ from tsumugi.demo import PROMPTS
 from tsumugi.sample.config import GenerateConfig
 from tsumugi.sample.generate import generation_jobs
 from tsumugi.sample.prompt_lines import read_prompt_file
+from tsumugi.train.config import TrainConfig
 from tsumugi.train.sample_prompts import sample_jobs
 
 SETTINGS = ("prompt", "negative_prompt", "width", "height", "seed", "steps", "guidance_scale", "flow_shift")
@@ -119,7 +120,6 @@ def test_the_demo_prompt_file_gives_the_same_images_in_training_and_generation(a
 def test_an_edit_sample_line_with_a_mask_gives_the_generate_image(tiny_sets, tmp_path):
     """Mask lines (``--ci`` + ``--m``) in a sample file: accepted when training an edit version, sized by the
     official-size rule, and the sample equals ``--from_file`` with ``--resize_control_to_official_size``."""
-    import types
 
     import torch
 
@@ -135,8 +135,8 @@ def test_an_edit_sample_line_with_a_mask_gives_the_generate_image(tiny_sets, tmp
     prompts = tmp_path / "p.txt"
     line = f"make it red --ci {tmp_path / 'c.png'} --m {tmp_path / 'm.png'} --d 3 --s 2 --l 1.0"  # --l 1: no CFG
     prompts.write_text(line + "\n", encoding="utf-8")
-    args = types.SimpleNamespace(sample_prompts=str(prompts), vae=str(files["vae"]), output_dir=str(tmp_path / "t"),
-                                 text_encoder=str(files["text_encoder"]), output_name="run", model_version="edit-2511")
+    args = TrainConfig(sample_prompts=str(prompts), vae=str(files["vae"]), output_dir=str(tmp_path / "t"),
+                       text_encoder=str(files["text_encoder"]), output_name="run", model_version="edit-2511")
     arch = get_architecture("qwen_image")
     sampler = TrainingSampler(arch, args, torch.device("cpu"), torch.float32)
     dit = arch.load_dit(str(files["dit"]), dtype=torch.float32, device="cpu", model_version="edit-2511")

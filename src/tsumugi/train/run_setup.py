@@ -341,6 +341,10 @@ def run_training(
     finally:
         if run.lock is not None:
             run.lock.release()
+        # a process group left to the interpreter's exit can abort in its threads' destructors
+        # ("terminate called without an active exception"): close it while the run still owns it
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _run_training(run: TrainingRun, *, dit, swapper, params, optimizer, lr_scheduler, save_weights, trainable,
