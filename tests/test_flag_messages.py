@@ -51,3 +51,26 @@ def test_image_size_error_names_image_size(tiny_sets, tmp_path, capsys):
                                     "--image_size", "100", "72"])
     assert err == ("error: --image_size 100 72: height and width must each be a positive multiple of 16 "
                    "(e.g. --image_size 96 80)")
+
+
+@pytest.mark.parametrize("arch", ["qwen_image", "zimage"])
+def test_non_finite_generation_is_reported_not_saved(arch, tiny_sets, tmp_path, capsys):
+    """A LoRA holding NaN merged into the DiT: the run names the bad weight and writes no (black) PNG."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    files = tiny_sets(arch)
+    lora = _lora_file(arch, files, tmp_path / "nan.safetensors")
+    tensors = load_file(lora)
+    first_up = next(k for k in sorted(tensors) if "lora_up" in k or "lora_B" in k)
+    tensors[first_up] = torch.full_like(tensors[first_up], float("nan"))
+    save_file(tensors, lora)
+    out = tmp_path / "out"
+    status = MAINS[arch](["--dit", str(files["dit"]), "--vae", str(files["vae"]), "--text_encoder",
+                          str(files["text_encoder"]), "--prompt", "x", "--save_path", str(out),
+                          "--device", "cpu", "--infer_steps", "1", "--lora_weight", str(lora)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert status == 2 and err.startswith("error: ")
+    assert "1 of 1 image(s) not written" in err and "NaN or inf" in err
+    assert "is not finite" in err and "--lora_weight" in err
+    assert not list(out.glob("*.png"))

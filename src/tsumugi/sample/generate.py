@@ -302,7 +302,7 @@ def generate(arch: Architecture, config: GenerateConfig) -> list[Path]:
     if version in ("original", "edit", "edit-2509") and getattr(getattr(dit, "config", None), "zero_cond_t", False):
         logger.warning("the DiT carries the Edit-2511 marker (zero_cond_t) but --model_version is %s", version)
     apply_generation_memory_options(dit, arch.name, config, device)
-    results = []
+    results, failed = [], []
     for job, encoded in zip(jobs, controls):
         negative = embeds.get((job.negative_prompt, job.control_key)) if arch.uses_guidance(job.guidance_scale) else None
         debug_dir = Path(config.save_path) if config.rcm_debug_save else None
@@ -311,6 +311,11 @@ def generate(arch: Architecture, config: GenerateConfig) -> list[Path]:
                              rcm_debug_dir=debug_dir)
         elapsed = time.perf_counter() - start
         logger.info("%s: %d steps in %.2f s (%.3f s/step)", job.source, job.steps, elapsed, elapsed / job.steps)
+        problem = non_finite_latents(latents, dit, job.source)
+        if problem:
+            logger.error("%s; nothing is written for it", problem)
+            failed.append(problem)
+            continue
         results.append((job, latents.cpu()))
     _free(dit)
 
@@ -328,6 +333,8 @@ def generate(arch: Architecture, config: GenerateConfig) -> list[Path]:
             path = save_job_png(arch, vae, job, latents, save_dir, stem, _parameters(arch, config, job))
             logger.info("saved %s", path)
             written.append(path)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(jobs)} image(s) not written: " + "; ".join(failed))
     return written
 
 
@@ -375,6 +382,20 @@ def render_job(arch: Architecture, dit: torch.nn.Module, job: GenerationJob, pos
     if blend is not None:
         latents = blend.finish(latents)
     return latents.cpu()
+
+
+def non_finite_latents(latents: torch.Tensor, dit: torch.nn.Module, source: str) -> str | None:
+    """``None`` when ``latents`` are finite; else what is wrong, and the first DiT weight that is not finite
+    (a damaged file or a merged LoRA), so that no black image is written without a word."""
+    bad = int((~torch.isfinite(latents)).sum())
+    if not bad:
+        return None
+    weight = next((name for name, t in [*dit.named_parameters(), *dit.named_buffers()]
+                   if t.is_floating_point() and t.element_size() > 1 and not bool(torch.isfinite(t).all())), None)
+    cause = (f"the DiT weight {weight} is not finite (a damaged --dit file, or a --lora_weight with NaN/inf values "
+             "merged into it)" if weight else
+             "the DiT weights are finite, so the computation overflowed (try --dit_dtype bfloat16 or float32)")
+    return f"{source}: {bad} of {latents.numel()} denoised latent values are NaN or inf: {cause}"
 
 
 def save_job_png(arch: Architecture, vae, job: GenerationJob, latents: torch.Tensor, directory: Path | str,

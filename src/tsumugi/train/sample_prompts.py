@@ -25,6 +25,7 @@ from tsumugi.errors import UserError
 from tsumugi.sample.generate import (
     encode_job_controls,
     encode_job_prompts,
+    non_finite_latents,
     prompt_keys,
     render_job,
     save_job_png,
@@ -160,6 +161,10 @@ class TrainingSampler:
             positive = self.embeds[(job.prompt, job.control_key)]
             negative = self.embeds[(job.negative_prompt, job.control_key)] if arch.uses_guidance(job.guidance_scale) else None
             latents = render_job(arch, dit, job, positive, negative, encoded, self.device, self.dtype, progress=False)
+            problem = non_finite_latents(latents, dit, f"sample {label} {line.source}")
+            if problem:  # training goes on; the loss check stops it if the weights themselves went bad
+                logger.warning("%s; no sample image written", problem)
+                continue
             stem = f"{self.args.output_name}_{label}_{index:02d}_{time.strftime('%Y%m%d%H%M%S')}_{job.seed}"
             params = job_parameters(arch, job) | {"training_point": label, **self._model_names()}
             written.append(save_job_png(arch, self.vae, job, latents, self.directory, stem, params))
