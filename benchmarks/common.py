@@ -14,7 +14,7 @@ import torch
 from tsumugi.models.components import instantiate
 from tsumugi.models.configs import config_to_metadata, released_config
 from tsumugi.models.converters import converter
-from tsumugi.models.safetensors_io import LazyTensor, save_file_streamed
+from tsumugi.models.safetensors_write import LazyTensor, save_file_streamed
 from tsumugi.testing.tiny_models import tiny_config
 
 # "small" keeps the released structure with a few blocks of moderate width, to time on a CPU.

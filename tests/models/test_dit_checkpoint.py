@@ -16,7 +16,7 @@ from tsumugi.models.configs import config_to_metadata
 from tsumugi.models.detect import EDIT_2511_MARKER, detect
 from tsumugi.models.dit_checkpoint import comfy_lazy_tensors, save_dit_checkpoint
 from tsumugi.models.loader import load_dit, load_info
-from tsumugi.models.safetensors_io import LazyTensor, save_file_atomic, save_file_streamed
+from tsumugi.models.safetensors_write import LazyTensor, save_file_atomic, save_file_streamed
 from tsumugi.testing.tiny_models import comfy_state_dict, model_config
 
 ARCH = {"qwen_image_dit": "qwen_image", "zimage_dit": "zimage"}

@@ -15,7 +15,7 @@ from tsumugi.models.configs import (
 )
 from tsumugi.models.convert_qwen_image_vae import from_diffusers, to_diffusers
 from tsumugi.models.loader import load_dit, load_info
-from tsumugi.models.safetensors_io import save_file_atomic
+from tsumugi.models.safetensors_write import save_file_atomic
 from tsumugi.testing.tiny_models import COMPONENTS, comfy_state_dict, tiny_config
 
 # Parameter counts of the releases (Qwen3-4B as Z-Image's Qwen3Model, i.e. without the tied head).

@@ -7,7 +7,7 @@ import torch
 
 from tsumugi.errors import UserError
 from tsumugi.models.detect import classify, detect
-from tsumugi.models.safetensors_io import save_file_atomic
+from tsumugi.models.safetensors_write import save_file_atomic
 from tsumugi.testing.tiny_models import COMPONENTS, FORMATS, comfy_state_dict, write_tiny_model_root
 
 LAYOUT = {"comfy": "comfy", "comfy_prefixed": "comfy_prefixed", "sharded": "comfy", "diffusers": "diffusers"}

@@ -9,7 +9,8 @@ import torch
 
 from tsumugi.errors import UserError
 from tsumugi.models.loader import load_dit, load_text_encoder, load_vae
-from tsumugi.models.safetensors_io import open_safetensors, save_file_atomic
+from tsumugi.models.safetensors_io import open_safetensors
+from tsumugi.models.safetensors_write import save_file_atomic
 from tsumugi.testing.tiny_models import comfy_state_dict
 
 

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from tsumugi.errors import UserError
-from tsumugi.models.safetensors_io import open_safetensors, read_header, save_file_atomic, write_text_atomic
+from tsumugi.models.safetensors_io import open_safetensors, read_header
+from tsumugi.models.safetensors_write import save_file_atomic, write_text_atomic
 
 
 def _tensors():

@@ -11,7 +11,7 @@ import torch
 from tsumugi.models.components import KINDS
 from tsumugi.models.configs import config_to_metadata
 from tsumugi.models.loader import load_component, load_dit, load_info, load_text_encoder, load_vae
-from tsumugi.models.safetensors_io import save_file_atomic
+from tsumugi.models.safetensors_write import save_file_atomic
 from tsumugi.testing.tiny_models import (
     build_tiny,
     comfy_state_dict,

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from tsumugi import caption_images_by_qwen_vl
 from tsumugi.models.loader import load_text_encoder
-from tsumugi.models.safetensors_io import save_file_atomic
+from tsumugi.models.safetensors_write import save_file_atomic
 from tsumugi.testing.tiny_models import build_tiny, save_component
 from tsumugi.text import captioning
 from tsumugi.text.tokenizers import load_tokenizer

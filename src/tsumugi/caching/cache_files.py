@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tsumugi.errors import UserError
-from tsumugi.models.safetensors_io import apply_default_mode
+from tsumugi.models.safetensors_write import apply_default_mode
 
 FORMAT_VERSION = "1.0.1"
 _DTYPE_NAMES = sorted(

@@ -29,12 +29,7 @@ from typing import Any
 
 from tsumugi.errors import UserError
 from tsumugi.models.components import ALL_PREFIXES, KINDS, ROLES
-from tsumugi.models.safetensors_io import (
-    FLOAT8_DTYPES,
-    SafetensorsSource,
-    is_shard_name,
-    open_safetensors,
-)
+from tsumugi.models.safetensors_io import FLOAT8_DTYPES, SafetensorsSource, is_shard_name, open_safetensors
 
 EDIT_2511_MARKER = "__index_timestep_zero__"
 _SCALE_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant")

@@ -27,7 +27,7 @@ from tsumugi.models.configs import CONFIG_METADATA_KEY, clean_config, config_to_
 from tsumugi.models.converters import converter
 from tsumugi.models.detect import EDIT_2511_MARKER
 from tsumugi.models.loader import load_info
-from tsumugi.models.safetensors_io import LazyTensor, save_file_streamed
+from tsumugi.models.safetensors_write import LazyTensor, save_file_streamed
 from tsumugi.models.stream import block_group
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def comfy_lazy_tensors(
     config: Mapping[str, Any] | None = None,
 ) -> dict[str, LazyTensor]:
     """``model``'s weights in the ComfyUI/original layout (no prefix, no marker), as :class:`LazyTensor`
-    entries for :func:`~tsumugi.models.safetensors_io.save_file_streamed`.
+    entries for :func:`~tsumugi.models.safetensors_write.save_file_streamed`.
 
     Floating-point tensors are cast to ``dtype`` (None: kept) as they are produced.
     """

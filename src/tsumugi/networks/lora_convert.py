@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from tsumugi.errors import UserError
-from tsumugi.models.safetensors_io import LazyTensor
+from tsumugi.models.safetensors_write import LazyTensor
 from tsumugi.networks.lora_files import LoraModule
 
 logger = logging.getLogger(__name__)
@@ -310,8 +310,8 @@ def to_other(
 ) -> dict[str, torch.Tensor | LazyTensor]:
     """diffusers/ComfyUI keys ``<prefix>.<path>.lora_A[.<adapter>].weight``; alpha folded unless ``keep_alpha``.
 
-    Folded factors are :class:`~tsumugi.models.safetensors_io.LazyTensor` entries, computed one at a time
-    as :func:`~tsumugi.models.safetensors_io.save_file_streamed` writes them (no second copy of the LoRA).
+    Folded factors are :class:`~tsumugi.models.safetensors_write.LazyTensor` entries, computed one at a time
+    as :func:`~tsumugi.models.safetensors_write.save_file_streamed` writes them (no second copy of the LoRA).
     """
     head = f"{prefix}." if prefix else ""
     tail = f".{adapter_name}" if adapter_name else ""
@@ -399,7 +399,7 @@ def convert_lora_file(
     Metadata is copied; ``sshs_model_hash``/``sshs_legacy_hash`` are recomputed when present. Tensors keep
     their dtype (alpha is written as float32).
     """
-    from tsumugi.models.safetensors_io import save_file_streamed
+    from tsumugi.models.safetensors_write import save_file_streamed
     from tsumugi.networks.lora_save import model_hashes
 
     if target not in TARGETS:

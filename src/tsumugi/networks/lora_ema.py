@@ -112,7 +112,8 @@ def post_hoc_ema(
     sort_by: str | None = "mtime",
 ) -> Path:
     """Write the EMA of the LoRA files ``paths`` to ``output_file``; returns its path."""
-    from tsumugi.models.safetensors_io import SafetensorsSource, save_file_atomic
+    from tsumugi.models.safetensors_io import SafetensorsSource
+    from tsumugi.models.safetensors_write import save_file_atomic
     from tsumugi.networks.lora_save import model_hashes
 
     output = Path(output_file)

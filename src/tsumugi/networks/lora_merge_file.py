@@ -103,7 +103,8 @@ def merge_to_file(
     from tsumugi.models.converters import converter
     from tsumugi.models.detect import detect
     from tsumugi.models.loader import compact_block_indices
-    from tsumugi.models.safetensors_io import FLOAT8_DTYPES, LazyTensor, SafetensorsSource, save_file_streamed
+    from tsumugi.models.safetensors_io import FLOAT8_DTYPES, SafetensorsSource
+    from tsumugi.models.safetensors_write import LazyTensor, save_file_streamed
     from tsumugi.models.stream import block_group
     from tsumugi.networks.lora_convert import detect_architecture, module_names
     from tsumugi.networks.lora_files import read_lora_file

@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from tsumugi.models.safetensors_io import save_file_atomic
+from tsumugi.models.safetensors_write import save_file_atomic
 from tsumugi.networks.lora import LoRANetwork
 
 LAYOUTS = ("musubi", "diffusion_model", "diffusers")

@@ -63,7 +63,7 @@ def save_latent(latent: torch.Tensor, directory: str | Path, stem: str, metadata
     """Write a latent file Musubi can decode: one tensor named ``latent`` plus string metadata."""
     from safetensors.torch import save_file
 
-    from tsumugi.models.safetensors_io import apply_default_mode
+    from tsumugi.models.safetensors_write import apply_default_mode
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ import torch
 from tsumugi.models.components import KINDS, instantiate, kind_for
 from tsumugi.models.configs import clean_config, config_to_metadata
 from tsumugi.models.converters import converter
-from tsumugi.models.safetensors_io import save_file_atomic, write_text_atomic
+from tsumugi.models.safetensors_write import save_file_atomic, write_text_atomic
 from tsumugi.testing import tiny_configs
 
 COMPONENTS: tuple[str, ...] = tuple(KINDS)

@@ -230,7 +230,7 @@ def decode_caption(tokenizer: Any, ids: Sequence[int]) -> str:
 
 
 def _write_jsonl(path: Path, entries: dict[str, str]) -> None:
-    from tsumugi.models.safetensors_io import write_text_atomic
+    from tsumugi.models.safetensors_write import write_text_atomic
 
     lines = [json.dumps({"image_path": p, "caption": c}, ensure_ascii=False) for p, c in entries.items()]
     write_text_atomic(path, "".join(line + "\n" for line in lines))
@@ -249,7 +249,7 @@ def caption_images(
     from tqdm import tqdm
 
     from tsumugi.data.images import load_image
-    from tsumugi.models.safetensors_io import write_text_atomic
+    from tsumugi.models.safetensors_write import write_text_atomic
 
     entries = dict(job.existing)
     done = 0

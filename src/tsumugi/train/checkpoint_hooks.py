@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tsumugi.errors import UserError
-from tsumugi.models.safetensors_io import DiskFullError
+from tsumugi.models.safetensors_write import DiskFullError
 from tsumugi.train.config import TrainConfig
 from tsumugi.train.optimizers import optimizer_eval, optimizer_train
 from tsumugi.train.state import TrainingState, TrainProgress, is_complete

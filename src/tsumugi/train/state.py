@@ -35,14 +35,8 @@ import torch
 
 from tsumugi.errors import UserError
 from tsumugi.fault_points import pause_point
-from tsumugi.models.safetensors_io import (
-    LazyTensor,
-    SafetensorsSource,
-    _fsync_dir,
-    read_header,
-    save_file_streamed,
-    write_text_atomic,
-)
+from tsumugi.models.safetensors_io import SafetensorsSource, read_header
+from tsumugi.models.safetensors_write import LazyTensor, _fsync_dir, save_file_streamed, write_text_atomic
 from tsumugi.train.config import flag_items
 
 logger = logging.getLogger(__name__)
