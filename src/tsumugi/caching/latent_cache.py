@@ -63,6 +63,21 @@ def restamp_sources(path: Path, meta: dict[str, str], stats: list[str | None]) -
         update_cache_metadata(path, {"tsumugi.stats": json.dumps(stats)})
 
 
+
+def reuse_if_current(path: Path, meta: dict[str, str] | None, expected: dict[str, str], arch_code: str,
+                     stats: list[str | None], report: CacheReport) -> bool:
+    """True when ``meta`` (the existing cache's metadata, ``None`` if there is none) is current for
+    ``expected``: the cache is kept and its source times restamped. A stale cache is logged with why."""
+    if meta is None:
+        return False
+    reasons = header_problems(meta, arch_code) + stale_reasons(meta, expected)
+    if not reasons:
+        report.skipped.append(path)
+        restamp_sources(path, meta, stats)
+        return True
+    logger.info("%s is stale (%s): re-encoding", path.name, "; ".join(reasons))
+    return False
+
 def remove_orphans(
     directory: Path, arch_code: str, kind: str, keep: set[Path], keep_cache: bool, report: CacheReport
 ) -> None:
@@ -122,13 +137,8 @@ def cache_latents(
                     produced.add(path)
                     controls = list(zip(fingerprints[1:], batch.key.control_sizes))
                     expected = latent_identity(batch.bucket, model_version, vae_identity, fingerprints[0], controls)
-                    if meta is not None:
-                        reasons = header_problems(meta, arch_code) + stale_reasons(meta, expected)
-                        if not reasons:
-                            report.skipped.append(path)
-                            restamp_sources(path, meta, stats)
-                            continue
-                        logger.info("%s is stale (%s): re-encoding", path.name, "; ".join(reasons))
+                    if reuse_if_current(path, meta, expected, arch_code, stats, report):
+                        continue
                     work.append((item, path, fingerprints[0], controls, stats))
                 if work:
                     loaded = list(pool.map(load_item, [w[0] for w in work], repeat(batch.bucket), repeat(dataset)))

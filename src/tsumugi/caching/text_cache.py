@@ -15,15 +15,13 @@ from tsumugi.arch.base import Architecture
 from tsumugi.caching.cache_files import (
     read_cache_metadata,
     remove_temporaries,
-    stale_reasons,
     text_cache_name,
     varlen_key,
     write_cache_file,
 )
 from tsumugi.caching.fingerprint import current_fingerprints
-from tsumugi.caching.latent_cache import CacheReport, remove_orphans, restamp_sources
+from tsumugi.caching.latent_cache import CacheReport, remove_orphans, reuse_if_current
 from tsumugi.caching.metadata import (
-    header_problems,
     recorded_text_sources,
     text_identity,
     text_metadata,
@@ -151,13 +149,8 @@ def cache_text_outputs(
                 for item, path, meta, (fps, stats) in zip(items, paths, found, sources):
                     keep.add(path)
                     expected = text_identity(item.caption, model_version, encoder_identity, fps)
-                    if meta is not None:
-                        reasons = header_problems(meta, arch_code) + stale_reasons(meta, expected)
-                        if not reasons:
-                            report.skipped.append(path)
-                            restamp_sources(path, meta, stats)
-                            continue
-                        logger.info("%s is stale (%s): re-encoding", path.name, "; ".join(reasons))
+                    if reuse_if_current(path, meta, expected, arch_code, stats, report):
+                        continue
                     work.append((item, path, fps, stats))
                 chunk = batch_size or dataset.batch_size
                 for start in range(0, len(work), chunk):
